@@ -1,0 +1,138 @@
+# triplet: reproduce the triplet-loss study on CUB-200-2011, then go past it.
+# `make` (or `make help`) lists the targets. Every experiment target depends on real files, so a
+# finished run is skipped and an interrupted one resumes from its last checkpoint.
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Variables a user can override: make exp1 BACKBONE=resnet34 DEVICE=cuda EPOCHS=2
+BACKBONE ?= resnet18
+DATA_DIR ?= data
+DEVICE ?= auto
+EPOCHS ?=
+IMAGE_SIZE ?= 224
+WORKERS ?= -1
+WEIGHTS ?= imagenet
+SPLIT ?= official
+NPROC ?= 1
+RESULTS ?= results
+
+PREPARED := $(DATA_DIR)/prepared/$(SPLIT)-r256-val0.1-seed0/prepare.json
+TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) scripts/train.py
+COMMON := --data-dir $(DATA_DIR) --split $(SPLIT) --device $(DEVICE) --image-size $(IMAGE_SIZE) \
+          --workers $(WORKERS) --weights $(WEIGHTS)
+
+# The study's table (exp1-6) and our own recipe (exp7). EPOCHS, when set, overrides the epochs.
+exp1_ARGS := --epochs 20 --lr 0.001 --batch-size 32
+exp2_ARGS := --epochs 20 --lr 0.002 --batch-size 32
+exp3_ARGS := --epochs 20 --lr 0.001 --batch-size 64
+exp4_ARGS := --epochs 20 --lr 0.002 --batch-size 64
+exp5_ARGS := --epochs 60 --lr 0.001 --batch-size 32
+exp6_ARGS := --epochs 60 --lr 0.001 --batch-size 64
+exp7_ARGS := --epochs 30 --lr 0.0001 --batch-size 64 --mining semihard --samples-per-class 4 --margin 0.2 --scheduler cosine
+EXPERIMENTS := exp1 exp2 exp3 exp4 exp5 exp6 exp7
+
+##@ Set-up and tests
+## help: list the targets (the default goal)
+help:
+	@awk 'BEGIN {FS = ": "} /^##@/ {printf "\n%s\n", substr($$0, 5)} /^## / {sub(/^## /, ""); split($$0, a, ": "); printf "  %-16s %s\n", a[1], substr($$0, length(a[1]) + 3)}' $(MAKEFILE_LIST)
+	@echo; echo "  Variables: BACKBONE=$(BACKBONE) DATA_DIR=$(DATA_DIR) DEVICE=$(DEVICE) EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) WORKERS=$(WORKERS) WEIGHTS=$(WEIGHTS) SPLIT=$(SPLIT) NPROC=$(NPROC)"
+
+## setup: create .venv with the pinned requirements (re-runs only when requirements.txt changes)
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+## test: run the test suite (CPU, offline, a few minutes)
+test: setup
+	$(PY) -m pytest -q
+
+##@ Data
+## data: download CUB-200-2011 (1.1 GB, MD5-checked), extract safely and build the prepared copy
+data: $(PREPARED)
+$(PREPARED): | setup
+	$(PY) scripts/prepare_data.py --data-dir $(DATA_DIR) --split $(SPLIT)
+
+##@ The study (exp1-6) and beyond (exp7); BACKBONE=resnet18|resnet34
+## exp1: 20 epochs, lr 0.001, batch 32
+## exp2: 20 epochs, lr 0.002, batch 32
+## exp3: 20 epochs, lr 0.001, batch 64
+## exp4: 20 epochs, lr 0.002, batch 64
+## exp5: 60 epochs, lr 0.001, batch 32 (the study ran it on ResNet18)
+## exp6: 60 epochs, lr 0.001, batch 64 (the study ran it on ResNet18)
+## exp7: our recipe: online semi-hard mining in PK batches (16 classes x 4), margin 0.2, cosine lr
+$(EXPERIMENTS): %: $(RESULTS)/%-$(BACKBONE)/tsne.png
+
+# results/expN-BACKBONE/: train (resuming if interrupted) -> evaluate -> plots.
+define experiment_rules
+$(RESULTS)/$(1)-%/metrics.json: $(PREPARED)
+	$(TRAIN) $(COMMON) --backbone $$* $($(1)_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $$(@D) --resume
+	$(PY) scripts/evaluate.py --run $$(@D) --device $(DEVICE) --workers $(WORKERS)
+endef
+$(foreach e,$(EXPERIMENTS),$(eval $(call experiment_rules,$(e))))
+
+$(RESULTS)/%/tsne.png: $(RESULTS)/%/metrics.json
+	$(PY) scripts/plot_embeddings.py --run $(@D)
+
+## baseline: evaluate the untrained ImageNet trunk (what training adds)
+baseline: $(RESULTS)/baseline-$(BACKBONE)/metrics.json
+$(RESULTS)/baseline-%/metrics.json: $(PREPARED)
+	$(PY) scripts/evaluate.py --run $(@D) --checkpoint none --backbone $* --weights $(WEIGHTS) \
+	    --data-dir $(DATA_DIR) --split $(SPLIT) --image-size $(IMAGE_SIZE) --device $(DEVICE) --workers $(WORKERS)
+
+ALL_RUNS := $(foreach e,exp1 exp2 exp3 exp4,$(foreach b,resnet18 resnet34,$(RESULTS)/$(e)-$(b)/tsne.png)) \
+            $(RESULTS)/exp5-resnet18/tsne.png $(RESULTS)/exp6-resnet18/tsne.png \
+            $(RESULTS)/exp7-resnet18/tsne.png $(RESULTS)/exp7-resnet34/tsne.png \
+            $(RESULTS)/baseline-resnet18/metrics.json $(RESULTS)/baseline-resnet34/metrics.json
+## all: the whole study on CUB: exp1-4 x both backbones, exp5-6, exp7 x both, report, export, bench
+all: $(ALL_RUNS)
+	$(MAKE) report export bench
+
+##@ Reporting and deployment
+## report: results/REPORT.md, every run beside the study's published numbers
+report: | setup
+	$(PY) scripts/report.py --results $(RESULTS)
+
+## export: the best run (test Precision@1) to exports/*.onnx, verified against torch, plus INT8
+export: | setup
+	$(PY) scripts/export_onnx.py --results $(RESULTS) --int8
+
+## bench: onnxruntime fp32 / INT8 versus PyTorch inference benchmark
+bench: | setup
+	$(PY) scripts/benchmark_onnx.py --out $(RESULTS)/onnx_benchmark.json
+
+## bench-train: the suite's training step versus a straightforward implementation
+bench-train: | setup
+	$(PY) scripts/benchmark_train.py --out $(RESULTS)/train_benchmark.json
+
+##@ Demo
+DEMO_DATA := $(DATA_DIR)/demo
+DEMO_RUN := $(RESULTS)/demo-resnet18
+## demo: the whole chain offline on a synthetic set (prepare, train, evaluate, plots, report, ONNX, inference)
+demo: | setup
+	$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) --classes 20 --per-class 24 --image-size 96
+	$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) --resize 72
+	$(PY) scripts/train.py --data-dir $(DEMO_DATA) --resize 72 --weights none --image-size 64 --epochs 6 \
+	    --lr 0.001 --batch-size 32 --mining semihard --margin 0.2 --out $(DEMO_RUN) --force
+	$(PY) scripts/evaluate.py --run $(DEMO_RUN)
+	$(PY) scripts/plot_embeddings.py --run $(DEMO_RUN)
+	$(PY) scripts/report.py --results $(RESULTS)
+	$(PY) scripts/export_onnx.py --run $(DEMO_RUN) --out exports/demo-resnet18.onnx
+	$(PY) scripts/search.py --model exports/demo-resnet18.onnx --gallery $(DEMO_DATA)/prepared/official-r72-val0.1-seed0/images \
+	    --query $(DEMO_DATA)/CUB_200_2011/images/003.*/*_0001_*.jpg --top-k 5
+	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
+	 echo "report $(RESULTS)/REPORT.md, model exports/demo-resnet18.onnx"
+
+## clean: remove caches (never results/ or data/)
+clean:
+	rm -rf .pytest_cache **/__pycache__
+
+.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench bench-train demo clean

@@ -1,0 +1,101 @@
+"""Evaluate a trained run on the test split: the study's triplet metrics and retrieval metrics.
+
+    python scripts/evaluate.py --run results/exp1-resnet18
+    python scripts/evaluate.py --run results/exp1-resnet18 --checkpoint none   # the untrained trunk
+    python scripts/evaluate.py --run results/baseline-resnet18 --checkpoint none --backbone resnet18 --weights imagenet
+
+Embeds every test image once, saves RUN_DIR/test_embeddings.npz and writes RUN_DIR/metrics.json
+(loss, triplet_accuracy, cos_sim_ap, cos_sim_an on fixed seeded test triplets; precision_at_1/5/10,
+recall_at_1/2/4/8, map_at_r, r_precision, nmi over all test images, in %).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from triplet import engine, runs
+from triplet.checkpoint import model_from_checkpoint
+from triplet.cli import check, run
+from triplet.data import ImageDataset
+from triplet.fileio import atomic_path, read_json, write_json
+from triplet.model import BACKBONES, build_model
+from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.transforms import eval_transform
+
+
+@dataclass
+class Options(DataOptions):
+    run: str = field(default="", metadata={"help": "run folder (RUN_DIR) to evaluate and write into"})
+    checkpoint: str = field(default="best", metadata={
+        "help": "best, last, none (the untrained trunk: what training added), or a checkpoint path"})
+    data_dir: str = field(default="", metadata={"help": "data folder (default: the one the run was trained on)"})
+    batch_size: int = field(default=128, metadata={"help": "images per embedding batch"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: automatic)"})
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "where to embed"})
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"], "help": "autocast precision"})
+    seed: int = field(default=0, metadata={"help": "seed of the fixed test triplets"})
+    backbone: str = field(default="resnet18", metadata={"help": "--checkpoint none on a folder without config.json: trunk"})
+    weights: str = field(default="imagenet", metadata={"help": "--checkpoint none on a folder without config.json: trunk weights"})
+    embedding_dim: int = field(default=128, metadata={"help": "--checkpoint none on a folder without config.json: embedding size"})
+    image_size: int = field(default=224, metadata={"help": "--checkpoint none on a folder without config.json: input size"})
+
+    def __post_init__(self):
+        check(self.run, "--run is required: the run folder to evaluate")
+        check(self.backbone in BACKBONES, f"--backbone {self.backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
+        check(self.batch_size >= 1, "--batch-size must be >= 1")
+
+
+def load_model(opts, run_dir):
+    """Return (model, run options, info) for the requested checkpoint."""
+    config_path = run_dir / "config.json"
+    if opts.checkpoint == "none":
+        if config_path.exists():
+            options = read_json(config_path)["options"]
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            options = dataclasses.asdict(opts) | {"data_dir": opts.data_dir or "data", "margin": 1.0}
+        model = build_model(options["backbone"], options["embedding_dim"], options["weights"])
+        return model.eval(), options, {"checkpoint": "none", "epoch": 0}
+    runs.require_run_dir(run_dir, needs=None)
+    path = run_dir / f"checkpoint_{opts.checkpoint}.pt" if opts.checkpoint in ("best", "last") else Path(opts.checkpoint)
+    model, checkpoint = model_from_checkpoint(path)
+    options = checkpoint["config"]["options"]
+    return model, options, {"checkpoint": str(path), "epoch": checkpoint["epoch"] + 1}
+
+
+def main(opts):
+    run_dir = Path(opts.run)
+    if opts.checkpoint != "none":
+        runs.require_run_dir(run_dir, needs=None)
+    model, options, info = load_model(opts, run_dir)
+    data = DataOptions(**{k: options[k] for k in dataclasses.asdict(DataOptions())})
+    if opts.data_dir:
+        data.data_dir = opts.data_dir
+    device = engine.resolve_device(opts.device)
+    precision = engine.resolve_precision(opts.precision, device)
+    workers = engine.default_workers(device) if opts.workers < 0 else opts.workers
+    paths, labels = read_manifest(prepared_dir(data), "test")
+    dataset = ImageDataset(paths, labels, eval_transform(options["image_size"]))
+    model.to(device, memory_format=torch.channels_last)
+    print(f"embedding {len(paths)} test images of {prepared_dir(data)} on {device} ({precision})")
+    embeddings, labels = engine.embed_dataset(model, dataset, device, precision, opts.batch_size, workers)
+    untrained_beside_trained = opts.checkpoint == "none" and (run_dir / "checkpoint_best.pt").exists()
+    suffix = "_untrained" if untrained_beside_trained else ""
+    with atomic_path(run_dir / f"test_embeddings{suffix}.npz") as tmp:
+        np.savez(tmp, embeddings=embeddings, labels=labels, paths=np.array(paths))
+    metrics = engine.evaluate_embeddings(embeddings, labels, options.get("margin", 1.0), opts.seed)
+    result = {**{k: round(v, 4) for k, v in metrics.items()}, **info, "backbone": options["backbone"],
+              "embedding_dim": options["embedding_dim"], "image_size": options["image_size"],
+              "split": data.split, "num_images": int(len(labels)), "num_classes": int(len(set(labels.tolist()))),
+              "seed": opts.seed}
+    write_json(run_dir / f"metrics{suffix}.json", result)
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        print(f"  {key:<{width}}  {value:8.4f}")
+    print(f"wrote {run_dir / f'metrics{suffix}.json'}")
+
+
+if __name__ == "__main__":
+    run(main, Options, __doc__)

@@ -1,0 +1,69 @@
+"""Get CUB-200-2011 (download, or a local archive, or a synthetic set) and build the prepared copy.
+
+    python scripts/prepare_data.py                          # download, verify, extract, prepare
+    python scripts/prepare_data.py --archive ~/CUB_200_2011.tgz
+    python scripts/prepare_data.py --split classes --crop-bbox
+    python scripts/prepare_data.py --synthetic --data-dir /tmp/x --classes 12 --per-class 10
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from triplet import cub
+from triplet.cli import check, run
+from triplet.fileio import UserError
+from triplet.prepare import DataOptions, prepare
+
+
+@dataclass
+class Options(DataOptions):
+    archive: str = field(default="", metadata={
+        "help": "use this local CUB_200_2011.tgz instead of downloading (verified by MD5)"})
+    md5: str = field(default=cub.CUB_MD5, metadata={
+        "help": "expected MD5 of the archive; change it only for an archive you built yourself"})
+    no_download: bool = field(default=False, metadata={
+        "help": "fail instead of downloading when the dataset is absent"})
+    workers: int = field(default=0, metadata={"help": "processes that decode images (0: one per core, at most 8)"})
+    synthetic: bool = field(default=False, metadata={
+        "help": "write a synthetic dataset in the exact CUB_200_2011 layout instead (no network)"})
+    classes: int = field(default=200, metadata={"help": "--synthetic: number of classes"})
+    per_class: int = field(default=60, metadata={"help": "--synthetic: images per class"})
+    image_size: int = field(default=500, metadata={"help": "--synthetic: image width in pixels (height is 3/4 of it, like CUB)"})
+    seed: int = field(default=0, metadata={"help": "--synthetic: random seed"})
+    pack: str = field(default="", metadata={
+        "help": "--synthetic: also pack the set as a .tgz at this path (like the official archive) and print its MD5"})
+
+    def __post_init__(self):
+        check(self.resize >= 8, "--resize must be at least 8 pixels")
+        check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
+        check(self.workers >= 0, "--workers must be >= 0")
+
+
+def main(opts):
+    data_dir = Path(opts.data_dir)
+    if opts.synthetic:
+        from triplet import synthetic
+        root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.image_size, opts.seed)
+        print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
+        if opts.pack:
+            print(f"packed {opts.pack} (MD5 {synthetic.pack_archive(data_dir, opts.pack)})")
+        print(f"next: python scripts/prepare_data.py --data-dir {data_dir}")
+        return
+    if not (data_dir / "CUB_200_2011").is_dir():
+        if opts.archive:
+            archive = Path(opts.archive)
+            if not archive.is_file():
+                raise UserError(f"--archive {archive}: file not found")
+            print(f"verifying {archive}")
+            cub.verify_md5(archive, opts.md5)
+        elif opts.no_download:
+            raise UserError(f"{data_dir / 'CUB_200_2011'}: dataset not found and --no-download given; "
+                            f"pass --archive PATH or run `make data`")
+        else:
+            archive = cub.download(data_dir / cub.CUB_ARCHIVE, md5=opts.md5)
+        print(f"extracting {archive} into {data_dir}")
+        cub.safe_extract(archive, data_dir)
+    prepare(opts, workers=opts.workers or None)
+
+
+if __name__ == "__main__":
+    run(main, Options, __doc__)

@@ -1,0 +1,198 @@
+"""Train a triplet-loss embedding (ResNet18/34 trunk) on a prepared CUB split.
+
+    python scripts/train.py --backbone resnet18 --epochs 20 --lr 0.001 --batch-size 32 --out results/exp1-resnet18
+    python scripts/train.py --mining hard --batch-size 64 --samples-per-class 4 --out results/exp7-resnet18
+    python scripts/train.py --out results/exp1-resnet18 --resume          # continue an interrupted run
+    torchrun --nproc_per_node 4 scripts/train.py ...                      # DDP, one process per GPU
+
+Writes RUN_DIR/config.json, history.csv (one row per epoch), checkpoint_last.pt (every epoch)
+and checkpoint_best.pt (best validation Precision@1).
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from triplet import distributed as dist
+from triplet import engine, runs
+from triplet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from triplet.cli import check, run
+from triplet.fileio import UserError
+from triplet.data import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
+from triplet.mining import get_miner
+from triplet.model import BACKBONES, build_model
+from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.seeding import seed_everything
+from triplet.transforms import eval_transform, train_transform
+
+
+@dataclass
+class Options(DataOptions):
+    backbone: str = field(default="resnet18", metadata={"help": f"trunk: {' or '.join(BACKBONES)}"})
+    weights: str = field(default="imagenet", metadata={
+        "help": "trunk initialisation: imagenet (torchvision's IMAGENET1K_V1), none (random), or a state-dict path"})
+    embedding_dim: int = field(default=128, metadata={"help": "size of the L2-normalised embedding"})
+    epochs: int = field(default=20, metadata={"help": "number of epochs"})
+    lr: float = field(default=0.001, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=32, metadata={
+        "help": "triplets per step (--mining none) or images per PK batch (P x K, online mining)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay"})
+    scheduler: str = field(default="none", metadata={"choices": ["none", "cosine"], "help": "learning-rate schedule over the epochs"})
+    margin: float = field(default=1.0, metadata={"help": "triplet margin (on L2-normalised embeddings)"})
+    mining: str = field(default="none", metadata={
+        "choices": ["none", "semihard", "hard"],
+        "help": "none: the study's offline random triplets; semihard / hard (batch-hard): online mining in PK batches"})
+    samples_per_class: int = field(default=4, metadata={"help": "K of the PK batches (online mining)"})
+    image_size: int = field(default=224, metadata={"help": "input size; evaluation resizes to size*256/224 and centre-crops"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: 1 on CPU, up to 8 per GPU)"})
+    eval_batch_size: int = field(default=128, metadata={"help": "images per batch when embedding for validation"})
+    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
+    precision: str = field(default="auto", metadata={
+        "choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast on CUDA and AVX-512-bf16 CPUs, else fp32"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays on GPUs; slower on small CPUs)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, triplets, batches and augmentation"})
+    deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms (CUDA users; CPU runs are already reproducible)"})
+    out: str = field(default="results/run", metadata={"help": "run folder (RUN_DIR)"})
+    resume: bool = field(default=False, metadata={"help": "continue from RUN_DIR/checkpoint_last.pt (starts fresh when there is none)"})
+    force: bool = field(default=False, metadata={"help": "overwrite a run folder that already holds a run"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar per epoch"})
+
+    def __post_init__(self):
+        check(self.backbone in BACKBONES, f"--backbone {self.backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
+        check(self.lr > 0, f"--lr {self.lr}: must be > 0")
+        check(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
+        check(self.batch_size >= 2, f"--batch-size {self.batch_size}: must be >= 2")
+        check(self.embedding_dim >= 1, f"--embedding-dim {self.embedding_dim}: must be >= 1")
+        check(self.margin > 0, f"--margin {self.margin}: must be > 0")
+        check(self.image_size >= 16, f"--image-size {self.image_size}: must be >= 16")
+        check(self.mining == "none" or self.batch_size % self.samples_per_class == 0,
+              f"--batch-size {self.batch_size} must be a multiple of --samples-per-class {self.samples_per_class}")
+        check(not (self.resume and self.force), "--resume and --force contradict each other; pick one")
+
+
+def make_train_loader(opts, paths, labels, device, workers):
+    transform = train_transform(opts.image_size)
+    if opts.mining == "none":
+        dataset = TripletCUBDataset(paths, labels, transform, seed=opts.seed)
+        sampler = None
+        if dist.is_distributed():
+            sampler = torch.utils.data.DistributedSampler(dataset, seed=opts.seed, drop_last=True)
+        loader = engine.make_loader(dataset, device, workers, batch_size=opts.batch_size, shuffle=True,
+                                    sampler=sampler, seed=opts.seed, drop_last=True)
+        return loader, [dataset] + ([sampler] if sampler else [])
+    sampler = PKSampler(labels, opts.batch_size // opts.samples_per_class, opts.samples_per_class,
+                        seed=opts.seed, rank=dist.rank(), world_size=dist.world_size())
+    loader = engine.make_loader(ImageDataset(paths, labels, transform), device, workers,
+                                batch_sampler=sampler, seed=opts.seed)
+    return loader, [sampler]
+
+
+def main(opts):
+    dist.init_distributed()
+    device = engine.resolve_device(opts.device)
+    precision = engine.resolve_precision(opts.precision, device)
+    seed_everything(opts.seed, deterministic=opts.deterministic)
+    if device.type == "cuda" and not opts.deterministic:
+        torch.backends.cudnn.benchmark = True
+    log = print if dist.is_main() else (lambda *a, **k: None)
+    run_dir = Path(opts.out)
+    config = runs.make_config(opts, device, precision, dist.world_size())
+    resume_from = runs.claim_run_dir(run_dir, config, opts.resume, opts.force) if dist.is_main() else None
+    resume_from = dist.broadcast_object(resume_from)
+
+    prepared = prepared_dir(opts)
+    train_paths, train_labels = read_manifest(prepared, "train")
+    val_paths, val_labels = read_manifest(prepared, "val")
+    check_triplet_ready(train_labels, f"training split of {prepared}")
+    workers = engine.default_workers(device) if opts.workers < 0 else opts.workers
+    train_loader, epoch_aware = make_train_loader(opts, train_paths, train_labels, device, workers)
+    if len(train_loader) == 0:
+        raise UserError(f"--batch-size {opts.batch_size}: larger than the {len(train_paths)} training "
+                             f"images of {prepared} allow for one step")
+    val_set = ImageDataset(val_paths, val_labels, eval_transform(opts.image_size))
+    miner = None if opts.mining == "none" else get_miner(opts.mining, opts.margin)
+
+    model = build_model(opts.backbone, opts.embedding_dim, opts.weights)
+    model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim}
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    start_epoch, best_metric, history = 0, float("-inf"), []
+    if resume_from:
+        checkpoint = load_checkpoint(resume_from)
+        load_model_state(model, checkpoint["model"], resume_from)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
+        history = checkpoint.get("history", [])[:start_epoch]
+        log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
+    if start_epoch >= opts.epochs:
+        log(f"{run_dir}: already trained for {start_epoch} epochs; nothing to do")
+        return
+    model.to(device, memory_format=torch.channels_last)
+    net = model
+    if dist.is_distributed():
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if opts.compile:
+        net = torch.compile(net)
+    if dist.is_main():
+        runs.write_config(run_dir, config)
+    log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "
+        f"images, {len(train_loader)} steps per epoch, mining={opts.mining}, workers={workers}")
+
+    for epoch in range(start_epoch, opts.epochs):
+        # Everything random in an epoch is a function of (seed, epoch): a resumed run repeats it.
+        torch.manual_seed(opts.seed * 1000 + epoch)
+        train_loader.generator.manual_seed(opts.seed * 1000 + epoch)
+        for item in epoch_aware:
+            item.set_epoch(epoch)
+        lr = opts.lr * 0.5 * (1 + math.cos(math.pi * epoch / opts.epochs)) if opts.scheduler == "cosine" else opts.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        stats = engine.train_one_epoch(net, train_loader, optimizer, device, precision, opts.margin, miner,
+                                       epoch, opts.progress)
+        val = {}
+        if val_paths:
+            embeddings, labels = engine.embed_dataset(model, val_set, device, precision, opts.eval_batch_size, workers)
+            if dist.is_main():
+                val = engine.evaluate_embeddings(embeddings, labels, opts.margin, opts.seed, with_nmi=False)
+        row = {"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
+               "active_triplets": round(stats["active_triplets"], 2),
+               "val_loss": round(val.get("loss", float("nan")), 6),
+               "val_triplet_accuracy": round(val.get("triplet_accuracy", float("nan")), 4),
+               "val_precision_at_1": round(val.get("precision_at_1", float("nan")), 4),
+               "lr": lr, "seconds": round(time.perf_counter() - start, 1)}
+        history.append(row)
+        if dist.is_main():
+            metric = row["val_precision_at_1"] if val_paths else -row["train_loss"]
+            improved = metric > best_metric
+            best_metric = max(best_metric, metric)
+            checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                          "best_metric": best_metric, "model_args": model_args, "config": config,
+                          "history": history, "rng": torch.get_rng_state()}
+            if improved:
+                save_checkpoint(run_dir / "checkpoint_best.pt", checkpoint)
+            save_checkpoint(run_dir / "checkpoint_last.pt", checkpoint)
+            runs.write_history(run_dir, history)
+            log(f"epoch {epoch + 1}/{opts.epochs}  train_loss {row['train_loss']:.4f}  val_loss "
+                f"{row['val_loss']:.4f}  val_acc {row['val_triplet_accuracy']:.2f}%  val_P@1 "
+                f"{row['val_precision_at_1']:.2f}%  active {row['active_triplets']:.1f}  "
+                f"{row['seconds']:.1f}s{'  *best*' if improved else ''}")
+        dist.barrier()
+    log(f"done: {run_dir}/checkpoint_best.pt; next: python scripts/evaluate.py --run {run_dir}")
+
+
+def interrupted_main(opts):
+    try:
+        main(opts)
+    except KeyboardInterrupt:
+        if dist.is_main():
+            print(f"\ninterrupted; {opts.out}/checkpoint_last.pt holds the last completed epoch. Resume with: "
+                  f"python scripts/train.py --resume --out {opts.out} (same options)")
+        raise
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    run(interrupted_main, Options, __doc__)

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny synthetic CUB (built once per session) and a script runner."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from triplet.prepare import DataOptions, prepare
+from triplet.synthetic import make_synthetic_cub
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, *args, check=True, timeout=600, env=None):
+    """Run scripts/<name>.py in a subprocess, as a user would; return the CompletedProcess."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A 12-class synthetic CUB at 64 px, prepared at short side 48; never modified by tests."""
+    data_dir = tmp_path_factory.mktemp("cub")
+    make_synthetic_cub(data_dir, classes=12, per_class=12, image_size=64, seed=0)
+    prepare(DataOptions(data_dir=str(data_dir), resize=48), workers=1, log=lambda *a: None)
+    return data_dir
+
+
+@pytest.fixture
+def data_copy(synthetic_root, tmp_path):
+    """A private copy of the synthetic set that a test may damage."""
+    target = tmp_path / "data"
+    shutil.copytree(synthetic_root / "CUB_200_2011", target / "CUB_200_2011")
+    return target

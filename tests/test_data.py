@@ -1,0 +1,109 @@
+"""Datasets, triplet drawing and PK batches."""
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from triplet.data import ImageDataset, PKSampler, TripletCUBDataset, draw_triplets, fixed_triplets
+from triplet.fileio import UserError
+from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.transforms import eval_transform, load_image, resize_size_for, train_transform
+
+LABELS = [1] * 5 + [2] * 3 + [3] * 2 + [7] * 6
+
+
+def test_triplet_invariants_hold_over_many_draws():
+    labels = np.array(LABELS)
+    for seed in range(200):
+        a, p, n = draw_triplets(labels, np.random.default_rng(seed))
+        assert (a == np.arange(len(labels))).all()
+        assert (labels[p] == labels[a]).all() and (p != a).all()
+        assert (labels[n] != labels[a]).all()
+
+
+def test_draws_are_deterministic_by_seed_and_vary_by_epoch():
+    labels = np.array(LABELS)
+    first = draw_triplets(labels, np.random.default_rng([3, 0]))
+    again = draw_triplets(labels, np.random.default_rng([3, 0]))
+    other = draw_triplets(labels, np.random.default_rng([3, 1]))
+    assert all((x == y).all() for x, y in zip(first, again))
+    assert any((x != y).any() for x, y in zip(first[1:], other[1:]))
+    assert all((x == y).all() for x, y in zip(fixed_triplets(labels, 5), fixed_triplets(labels, 5)))
+
+
+def test_triplet_dataset_items_and_fixed_mode(synthetic_root):
+    paths, labels = read_manifest(prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=48)), "train")
+    dataset = TripletCUBDataset(paths, labels, eval_transform(32), seed=0, fixed=True)
+    anchor, positive, negative, item_labels = dataset[3]
+    assert anchor.shape == positive.shape == negative.shape == (3, 32, 32)
+    assert item_labels[0] == item_labels[1] == labels[3] and item_labels[2] != labels[3]
+    before = [t.copy() for t in dataset.triplets]
+    dataset.set_epoch(5)  # fixed: evaluation triplets never change
+    assert all((x == y).all() for x, y in zip(before, dataset.triplets))
+    moving = TripletCUBDataset(paths, labels, eval_transform(32), seed=0)
+    drawn = [t.copy() for t in moving.triplets]
+    moving.set_epoch(1)
+    assert any((x != y).any() for x, y in zip(drawn[1:], moving.triplets[1:]))
+
+
+def test_a_class_with_one_image_is_refused():
+    with pytest.raises(UserError, match="class 9 with a single image"):
+        TripletCUBDataset(["x"] * 4, [1, 1, 1, 9], transform=None)
+
+
+def test_pk_sampler_batches_hold_p_classes_of_k_images():
+    labels = [c for c in range(10) for _ in range(8 + c)]  # uneven classes, 125 images
+    sampler = PKSampler(labels, p=4, k=3, seed=0)
+    seen = Counter()
+    for batch in sampler:
+        classes = Counter(labels[i] for i in batch)
+        assert len(batch) == 12 and len(classes) == 4 and set(classes.values()) == {3}
+        for c in classes:  # no image twice within a class group unless the class is too small
+            members = [i for i in batch if labels[i] == c]
+            assert len(set(members)) == 3
+        seen.update(batch)
+    assert len(sampler) == len(list(sampler))
+    assert len(seen) / len(labels) > 0.85  # about one pass over the data
+    assert max(seen.values()) <= 2
+
+
+def test_pk_sampler_is_deterministic_and_shards_by_rank():
+    labels = [c for c in range(8) for _ in range(10)]
+    a, b = PKSampler(labels, 4, 2, seed=1), PKSampler(labels, 4, 2, seed=1)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    ranks = [PKSampler(labels, 4, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(b) // 2
+    assert not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1]))
+
+
+def test_pk_sampler_tops_up_classes_smaller_than_k():
+    labels = [0, 0, 1, 1, 1, 2, 2]
+    batches = list(PKSampler(labels, p=2, k=4, seed=0))
+    assert batches and all(len(b) == 8 for b in batches)
+
+
+@pytest.mark.parametrize("p, k, message", [(20, 2, "between 2 and the 3 classes"), (2, 1, "K must be at least 2")])
+def test_pk_sampler_refuses_impossible_batches(p, k, message):
+    with pytest.raises(UserError, match=message):
+        PKSampler([0, 0, 1, 1, 2, 2], p=p, k=k)
+
+
+def test_grayscale_images_come_out_three_channel(synthetic_root):
+    from PIL import Image
+    gray = [p for p in sorted((synthetic_root / "CUB_200_2011" / "images").rglob("*.jpg"))
+            if Image.open(p).mode == "L"]
+    assert gray, "the synthetic set should contain grayscale images"
+    image = load_image(gray[0])
+    assert image.shape[0] == 3 and image.dtype == torch.uint8
+    assert eval_transform(32)(image).shape == (3, 32, 32)
+    assert train_transform(32)(image).shape == (3, 32, 32)
+
+
+def test_image_dataset_and_transform_sizes(synthetic_root):
+    paths, labels = read_manifest(prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=48)), "test")
+    image, label = ImageDataset(paths, labels, eval_transform(40))[0]
+    assert image.shape == (3, 40, 40) and image.dtype == torch.float32 and label == labels[0]
+    assert resize_size_for(224) == 256

@@ -1,0 +1,150 @@
+"""Miners and the triplet loss against brute-force loops over every triplet."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triplet.losses import triplet_loss
+from triplet.mining import (MINER_NAMES, all_triplets, batch_hard, distance_matrix, get_miner,
+                            semihard)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def batch(n=24, dim=5, classes=4, seed=0, integer=False):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    if integer:  # a small grid: many exactly equal distances
+        return torch.randint(0, 3, (n, dim), generator=g).float(), labels
+    return torch.randn(n, dim, generator=g), labels
+
+
+def brute_triplets(labels):
+    labels = labels.tolist()
+    return [(a, p, n) for a, p, n in itertools.product(range(len(labels)), repeat=3)
+            if a != p and labels[a] == labels[p] and labels[n] != labels[a]]
+
+
+def as_list(triplets):
+    return list(zip(*(t.tolist() for t in triplets)))
+
+
+def check_dtypes(triplets, device):
+    for t in triplets:
+        assert t.dtype == torch.int64 and t.dim() == 1 and t.device.type == device
+
+
+def test_all_triplets_hand_case():
+    # labels 0 0 1: anchors 0 and 1 each have one positive and one negative; 2 has no positive.
+    assert as_list(all_triplets(torch.tensor([0, 0, 1]))) == [(0, 1, 2), (1, 0, 2)]
+    assert as_list(all_triplets([5])) == []
+
+
+def test_all_triplets_matches_brute_force():
+    _, labels = batch()
+    assert as_list(all_triplets(labels)) == brute_triplets(labels)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_batch_hard_matches_brute_force(integer):
+    x, labels = batch(integer=integer)
+    labels[0] = 99  # an anchor without positives is skipped
+    dist = distance_matrix(x)
+    expected = []
+    for a in range(len(labels)):
+        pos = [(dist[a, p].item(), p) for p in range(len(labels)) if p != a and labels[p] == labels[a]]
+        neg = [(dist[a, n].item(), n) for n in range(len(labels)) if labels[n] != labels[a]]
+        if pos and neg:
+            hardest_p = max(pos, key=lambda dp: (dp[0], -dp[1]))[1]  # ties: lower index
+            hardest_n = min(neg)[1]
+            expected.append((a, hardest_p, hardest_n))
+    assert as_list(batch_hard(x, labels, dist=dist)) == expected
+    assert as_list(batch_hard(x, labels)) == expected
+
+
+def test_batch_hard_hand_case():
+    # 1-D points; classes A = {0, 1, 3}, B = {2, 4}.
+    x = torch.tensor([[0.0], [1.0], [2.5], [4.0], [10.0]])
+    labels = torch.tensor([0, 0, 1, 0, 1])
+    # a=0: pos 1 (1), 3 (4) -> 3; neg 2 (2.5), 4 (10) -> 2.   a=1: pos 3 (3); neg 2 (1.5).
+    # a=2: pos 4 (7.5); neg 3 (1.5).  a=3: pos 0 (4); neg 2 (1.5).  a=4: pos 2; neg 3 (6).
+    assert as_list(batch_hard(x, labels)) == [(0, 3, 2), (1, 3, 2), (2, 4, 3), (3, 0, 2), (4, 2, 3)]
+
+
+@pytest.mark.parametrize("margin", [0.3, 1.0])
+def test_semihard_matches_brute_force(margin):
+    x, labels = batch(n=30)
+    dist = distance_matrix(x)
+    expected = [(a, p, n) for a, p, n in brute_triplets(labels)
+                if dist[a, p] < dist[a, n] < dist[a, p] + margin]
+    assert expected  # the case is not vacuous
+    assert as_list(semihard(x, labels, margin, dist=dist)) == expected
+    assert as_list(get_miner("semihard", margin)(x, labels)) == expected
+
+
+def test_semihard_hand_case():
+    x = torch.tensor([[0.0], [1.0], [1.5], [3.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # d(0,1)=1: n=2 at 1.5 is in (1, 2); n=3 at 3 is not. d(1,0)=1: n=2 at 0.5 is not; n=3 at 2 is
+    # not (strict). d(2,3)=1.5: n=1 at 0.5 no, n=0 at 1.5 no. d(3,2)=1.5: n=1 at 2 yes, n=0 at 3 no.
+    assert as_list(semihard(x, labels, margin=1.0)) == [(0, 1, 2), (3, 2, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", MINER_NAMES)
+def test_miners_return_int64_indices_without_grad(name, device):
+    x, labels = batch()
+    x = x.to(device).requires_grad_()
+    triplets = get_miner(name, margin=0.5)(x, labels.to(device))
+    check_dtypes(triplets, device)
+    assert len(triplets[0]) > 0
+    a, p, n = (t.cpu() for t in triplets)
+    assert (labels[a] == labels[p]).all() and (a != p).all() and (labels[a] != labels[n]).all()
+    assert x.grad is None and not torch.is_grad_enabled() is False
+
+
+def test_miners_on_a_batch_with_one_class_return_nothing():
+    x, labels = torch.randn(6, 3), torch.zeros(6, dtype=torch.int64)
+    for name in MINER_NAMES:
+        triplets = get_miner(name)(x, labels)
+        check_dtypes(triplets, "cpu")
+        assert all(len(t) == 0 for t in triplets)
+
+
+def test_unknown_miner_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown miner 'easy'"):
+        get_miner("easy")
+
+
+@pytest.mark.parametrize("margin", [0.2, 1.0])
+def test_triplet_loss_matches_brute_force(margin):
+    x, labels = batch()
+    x.requires_grad_()
+    a, p, n = all_triplets(labels)
+    loss, active = triplet_loss(x, a, p, n, margin=margin)
+    per = [max((x[i] - x[j] + 1e-6).norm() - (x[i] - x[k] + 1e-6).norm() + margin, 0)
+           for i, j, k in zip(a.tolist(), p.tolist(), n.tolist())]
+    assert loss.item() == pytest.approx(sum(float(v) for v in per) / len(per), rel=1e-5)
+    assert active == sum(float(v) > 0 for v in per) and type(active) is int
+    expected = F.triplet_margin_loss(x[a], x[p], x[n], margin=margin)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_triplet_loss_hand_case():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    idx = [torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([2, 1])]
+    # (0,1,2): 5 - 10 + 1 -> 0; (0,2,1): 10 - 5 + 1 = 6. Mean 3, one active (eps is negligible).
+    loss, active = triplet_loss(x, *idx, margin=1.0)
+    assert loss.item() == pytest.approx(3.0, abs=1e-4) and active == 1
+
+
+def test_triplet_loss_without_triplets_is_zero_and_in_the_graph():
+    x = torch.randn(4, 3, requires_grad=True)
+    empty = torch.empty(0, dtype=torch.int64)
+    loss, active = triplet_loss(x, empty, empty, empty)
+    assert loss.item() == 0.0 and active == 0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))

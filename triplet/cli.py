@@ -1,0 +1,74 @@
+"""Shared command-line plumbing: dataclass options with documented defaults, one-line errors.
+
+Every script is ``run(main, Options, __doc__)``: options are parsed from a dataclass with
+argparse-dataclass, a ``UserError`` (or a bad option caught in ``__post_init__``) prints one
+line naming the problem and exits with status 2, Ctrl-C exits 130, and ``--debug`` shows the
+full traceback instead.
+"""
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+
+from argparse_dataclass import ArgumentParser
+
+from triplet.fileio import UserError
+
+
+def build_parser(options_class, description=None):
+    parser = ArgumentParser(options_class, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = {f.name: f.default for f in dataclasses.fields(options_class)}
+    for action in parser._actions:
+        default = defaults.get(action.dest, dataclasses.MISSING)
+        if action.help and default not in (dataclasses.MISSING, "") and not isinstance(default, bool):
+            action.help += f" (default: {default})"
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    return parser
+
+
+def parse(options_class, argv=None, description=None):
+    """Return ``(options, debug)``; validation errors in ``__post_init__`` become UserError."""
+    parser = build_parser(options_class, description)
+    # The base class's parser: argparse-dataclass's own would build Options without --debug.
+    namespace, extras = argparse.ArgumentParser.parse_known_args(parser, argv)
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    kwargs = {k: v for k, v in vars(namespace).items() if v is not dataclasses.MISSING}
+    debug = kwargs.pop("debug")
+    try:
+        return options_class(**kwargs), debug
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(main, options_class, description=None, argv=None):
+    """Parse options, call ``main(options)``, and turn user-caused failures into one line."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv) or os.environ.get("TRIPLET_DEBUG") == "1"
+    prog = os.path.basename(sys.argv[0])
+    try:
+        options, debug = parse(options_class, argv, description)
+        result = main(options)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(result or 0)
+
+
+def check(condition, message):
+    """Raise ValueError (reported as a one-line option error) unless ``condition`` holds."""
+    if not condition:
+        raise ValueError(message)

@@ -1,0 +1,78 @@
+"""torchrun-style DDP: the process group comes from RANK / WORLD_SIZE / LOCAL_RANK.
+
+Without torchrun every helper here degrades to the single-process answer, so the training code
+calls them unconditionally.
+"""
+import os
+
+import torch
+import torch.distributed as td
+
+
+def is_distributed():
+    return td.is_available() and td.is_initialized()
+
+
+def rank():
+    return td.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return td.get_world_size() if is_distributed() else 1
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main():
+    return rank() == 0
+
+
+def init_distributed():
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or is_distributed():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    td.init_process_group(backend)
+    return True
+
+
+def cleanup():
+    if is_distributed():
+        td.destroy_process_group()
+
+
+def barrier():
+    if is_distributed():
+        td.barrier()
+
+
+def all_reduce_sum(values):
+    """Sum a list of floats over ranks."""
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if td.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    td.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def all_gather_object(obj):
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size()
+    td.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj):
+    """Rank 0's value on every rank (used for decisions only rank 0 can make, such as errors)."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    td.broadcast_object_list(holder, src=0)
+    return holder[0]

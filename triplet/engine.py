@@ -1,0 +1,160 @@
+"""The training step, embedding and evaluation: device, precision and loaders chosen once here.
+
+On CUDA and on CPUs with AVX-512 bf16, bf16 autocast with channels_last is the default
+(``--precision auto``): 2.7x the fp32 training throughput on the 2-core development CPU.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from triplet import distributed as dist
+from triplet.data import fixed_triplets
+from triplet.fileio import UserError
+from triplet.losses import triplet_loss
+from triplet.metrics import retrieval_metrics, triplet_metrics
+
+
+def resolve_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available; use --device auto or cpu")
+    return torch.device("cuda", dist.local_rank()) if name == "cuda" else torch.device(name)
+
+
+def cpu_has_bf16():
+    """AVX-512 bf16 (or AMX): where bf16 autocast is faster than fp32 on a CPU."""
+    try:
+        return bool(torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def resolve_precision(precision, device):
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def autocast(device, precision):
+    enabled = precision == "bf16" and device.type in ("cuda", "cpu")
+    return torch.autocast(device.type if enabled else "cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def default_workers(device):
+    """CPU: one worker decodes while the main process computes; more only steal its cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, cores // max(1, dist.world_size()) - 1))
+    return 1 if cores > 1 else 0
+
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset, device, workers, batch_size=None, batch_sampler=None, shuffle=False,
+                sampler=None, seed=0, drop_last=False):
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=None if batch_sampler else batch_size, batch_sampler=batch_sampler,
+        shuffle=shuffle if batch_sampler is None and sampler is None else False, sampler=sampler,
+        drop_last=drop_last if batch_sampler is None else False, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_seed_worker, generator=generator)
+
+
+def to_device(images, device):
+    return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def train_one_epoch(model, loader, optimizer, device, precision, margin, miner=None, epoch=0,
+                    progress=True):
+    """One pass; returns mean loss and mean active (non-zero-loss) triplets per step.
+
+    Offline triplets run one forward over the concatenated anchor/positive/negative batch rather
+    than three: BatchNorm then normalises all three with the same batch statistics (as in the
+    PK-batch path, where anchors, positives and negatives share one batch) and its running
+    statistics are updated once per step, not three times. Speed is the same within noise on CPU
+    with channels_last, and one larger batch is better for a GPU.
+    """
+    from tqdm import tqdm
+
+    model.train()
+    total_loss, total_active, steps = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and dist.is_main()),
+               dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        if miner is None:
+            anchors, positives, negatives, _ = batch
+            images = to_device(torch.cat([anchors, positives, negatives]), device)
+            n = len(anchors)
+            a = torch.arange(n, device=device)
+            p, neg = a + n, a + 2 * n
+        else:
+            images, labels = batch
+            images = to_device(images, device)
+        with autocast(device, precision):
+            embeddings = model(images).float()
+        if miner is not None:
+            a, p, neg = miner(embeddings.detach(), labels.to(device))
+        loss, active = triplet_loss(embeddings, a, p, neg, margin)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                f"lower --lr. checkpoint_last.pt still holds the last good epoch")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
+        total_active += active
+        steps += 1
+        bar.set_postfix(loss=f"{total_loss / steps:.4f}", active=active)
+    totals = dist.all_reduce_sum([total_loss, float(total_active), float(steps)])
+    return {"train_loss": totals[0] / max(totals[2], 1), "active_triplets": totals[1] / max(totals[2], 1)}
+
+
+@torch.inference_mode()
+def embed(model, loader, device, precision):
+    """Embed every image of ``loader`` once; returns float32 embeddings and labels as NumPy."""
+    model.eval()
+    outputs, labels = [], []
+    for images, batch_labels in loader:
+        with autocast(device, precision):
+            outputs.append(model(to_device(images, device)).float().cpu())
+        labels.append(torch.as_tensor(batch_labels))
+    return torch.cat(outputs).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_embeddings(embeddings, labels, margin=1.0, seed=0, with_nmi=True):
+    """The study's triplet metrics on fixed triplets plus retrieval metrics, from one embedding pass."""
+    a, p, n = fixed_triplets(labels, seed)
+    result = triplet_metrics(embeddings[a], embeddings[p], embeddings[n], margin)
+    result.update(retrieval_metrics(embeddings, labels, with_nmi=with_nmi))
+    return result
+
+
+def embed_dataset(model, dataset, device, precision, batch_size=128, workers=0):
+    """Embed a dataset once, each DDP rank a strided shard, gathered back in dataset order."""
+    indices = list(range(dist.rank(), len(dataset), dist.world_size()))
+    loader = make_loader(Subset(dataset, indices), device, workers, batch_size=batch_size)
+    embeddings, labels = embed(model, loader, device, precision)
+    parts = dist.all_gather_object((indices, embeddings, labels))
+    order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+    return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]

@@ -1,0 +1,112 @@
+"""The prepared copy of CUB that every later stage reads: decoded once, RGB, resized, manifests.
+
+Decoding the original JPEGs (about 500x375, some grayscale, a few CMYK) on every access would
+cost more than the model on a GPU; the prepared copy has short side ``resize`` and three
+channels, and its manifests fix the splits. ``prepare.json`` is written last, so a folder with
+it is complete, and re-running with the same options does nothing.
+"""
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from triplet import cub
+from triplet.fileio import UserError, atomic_path, read_csv, read_json, write_csv, write_json
+
+MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DataOptions:
+    """Options that decide which prepared copy is read; shared by prepare_data, train, evaluate."""
+    data_dir: str = field(default="data", metadata={"help": "folder that holds CUB_200_2011/ and prepared/"})
+    split: str = field(default="official", metadata={
+        "choices": ["official", "classes"],
+        "help": "official: CUB's train_test_split.txt (the study's protocol); classes: classes "
+                "1-100 train / 101-200 test (the zero-shot retrieval protocol)"})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "share of the training part carved out for validation (images per class for "
+                "official, whole classes for classes); never taken from the test set"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the validation carve-out"})
+    resize: int = field(default=256, metadata={"help": "short side of the prepared images, in pixels"})
+    crop_bbox: bool = field(default=False, metadata={"help": "crop each image to its bounding box first"})
+
+
+def prepared_name(options):
+    bbox = "-bbox" if options.crop_bbox else ""
+    return f"{options.split}-r{options.resize}{bbox}-val{options.val_fraction:g}-seed{options.split_seed}"
+
+
+def prepared_dir(options):
+    return Path(options.data_dir) / "prepared" / prepared_name(options)
+
+
+def _data_options(options):
+    return {k: getattr(options, k) for k in asdict(DataOptions()) if k != "data_dir"}
+
+
+def _prepare_image(source, target, resize, bbox):
+    """Decode, convert to RGB, crop, resize, save; any decoding problem names the file."""
+    if target.exists():
+        return
+    try:
+        with Image.open(source) as image:
+            image = image.convert("RGB")
+            if bbox is not None:
+                x, y, w, h = bbox
+                image = image.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
+            scale = resize / min(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{source}: not a readable image ({e}); replace or remove it") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        image.save(tmp, format="JPEG", quality=95)
+
+
+def prepare(options, workers=None, log=print):
+    """Build (or find) the prepared copy for ``options``; return its folder."""
+    out = prepared_dir(options)
+    marker = out / "prepare.json"
+    if marker.exists() and read_json(marker).get("options") == _data_options(options):
+        log(f"{out}: already prepared with these options; nothing to do")
+        return out
+    root = Path(options.data_dir) / "CUB_200_2011"
+    records = cub.read_metadata(root)
+    splits = cub.make_splits(records, options.split, options.val_fraction, options.split_seed)
+    for name, part in splits.items():
+        if not part and name != "val":
+            raise UserError(f"{root}: the {name} split of --split {options.split} is empty")
+    jobs = [(root / "images" / r.path, out / "images" / r.path, options.resize,
+             r.bbox if options.crop_bbox else None) for r in records]
+    workers = workers or min(8, os.cpu_count() or 1)
+    log(f"preparing {len(jobs)} images into {out} with {workers} processes")
+    from tqdm import tqdm
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(_prepare_image, *job) for job in jobs]
+        for future in tqdm(futures, desc="prepare", unit="img"):
+            future.result()
+    for name, part in splits.items():
+        rows = [{"path": f"images/{r.path}", "class_id": r.class_id, "class_name": r.class_name,
+                 "image_id": r.image_id} for r in part]
+        write_csv(out / f"{name}.csv", rows, MANIFEST_FIELDS)
+    counts = {name: len(part) for name, part in splits.items()}
+    classes = {name: len({r.class_id for r in part}) for name, part in splits.items()}
+    write_json(marker, {"options": _data_options(options), "images": counts, "classes": classes})
+    log(f"prepared {counts} images ({classes} classes) in {out}")
+    return out
+
+
+def read_manifest(prepared, split):
+    """Return (absolute image paths, class ids) of one split of a prepared folder."""
+    prepared = Path(prepared)
+    path = prepared / f"{split}.csv"
+    if not (prepared / "prepare.json").exists() or not path.exists():
+        raise UserError(f"{prepared}: no prepared data; run `python scripts/prepare_data.py` "
+                        f"with the same --data-dir/--split options (or `make data`)")
+    rows = read_csv(path)
+    return [str(prepared / r["path"]) for r in rows], [int(r["class_id"]) for r in rows]

@@ -1,0 +1,96 @@
+"""Run folders: config.json, history.csv, checkpoints, metrics.json, plots.
+
+A run folder is never silently overwritten: ``claim_run_dir`` refuses a folder that holds a
+run unless the user asked to resume it (same configuration) or to overwrite it (``--force``).
+"""
+import dataclasses
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import torchvision
+
+from triplet.fileio import UserError, read_json, write_csv, write_json
+
+HISTORY_FIELDS = ["epoch", "train_loss", "active_triplets", "val_loss", "val_triplet_accuracy",
+                  "val_precision_at_1", "lr", "seconds"]
+# Options that may differ between the first run and a resumed one without changing the result.
+RESUMABLE = {"resume", "force", "workers", "device", "progress", "epochs", "eval_batch_size"}
+RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.json",
+             "test_embeddings.npz", "curves.png", "tsne.png", "retrieval.png"]
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device, precision, world_size=1):
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "precision": precision, "world_size": world_size}
+
+
+def make_config(options, device, precision, world_size=1):
+    return {"options": dataclasses.asdict(options), "environment": environment(device, precision, world_size)}
+
+
+def _differences(old, new):
+    return [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE and old.get(k) != new.get(k)]
+
+
+def claim_run_dir(run_dir, config, resume=False, force=False):
+    """Decide how training may use ``run_dir``; return the path of a checkpoint to resume or None."""
+    run_dir = Path(run_dir)
+    config_path, last = run_dir / "config.json", run_dir / "checkpoint_last.pt"
+    if not config_path.exists() and not last.exists():
+        return None
+    if force:
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+        return None
+    if not resume:
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, --force to "
+                        f"overwrite it, or choose another --out")
+    if config_path.exists():
+        old = read_json(config_path).get("options", {})
+        changed = _differences(old, config["options"])
+        if changed:
+            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config['options'].get(k)!r}"
+                               for k in changed[:3])
+            raise UserError(f"{run_dir}: holds a run with a different configuration ({detail}); "
+                            f"use another --out, or --force to overwrite it")
+    return last if last.exists() else None
+
+
+def write_history(run_dir, history):
+    write_csv(Path(run_dir) / "history.csv", history, HISTORY_FIELDS)
+
+
+def write_config(run_dir, config):
+    write_json(Path(run_dir) / "config.json", config)
+
+
+def require_run_dir(run_dir, needs="checkpoint_best.pt"):
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"--run {run_dir}: run folder not found; train one with scripts/train.py --out {run_dir}")
+    if needs and not (run_dir / needs).exists():
+        raise UserError(f"--run {run_dir}: has no {needs}; finish training (scripts/train.py --resume "
+                        f"--out {run_dir}) or evaluate it first")
+    return run_dir
+
+
+def find_runs(results_dir="results"):
+    """Every run folder under ``results_dir`` that has metrics.json, best test Precision@1 first."""
+    runs = []
+    for metrics_path in sorted(Path(results_dir).glob("*/metrics.json")):
+        metrics = read_json(metrics_path)
+        runs.append((metrics_path.parent, metrics))
+    return sorted(runs, key=lambda r: -r[1].get("precision_at_1", float("-inf")))

@@ -1,0 +1,293 @@
+"""A synthetic stand-in for CUB-200-2011, in the exact CUB layout, so everything runs offline.
+
+Each class is a unique (shape, two-colour palette, texture) combination; instances vary in
+rotation, scale, position, background, distractor blobs, brightness and pixel noise.
+``pack_archive`` turns the folder into a deterministic ``CUB_200_2011.tgz`` look-alike.
+"""
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from triplet.fileio import UserError, atomic_path
+
+ROOT = "CUB_200_2011"
+README_MARKER = "SYNTHETIC CUB-200-2011"
+ARCHIVE_MTIME = 1293840000  # 2011-01-01 UTC: fixed so the same dataset gives the same MD5
+SHAPES = ("Circle", "Square", "Triangle", "Star", "Cross", "Ring", "Diamond", "Crescent")
+TEXTURES = ("Plain", "Stripes", "Dots", "Checks", "Gradient")
+COLOURS = {"Red": (200, 30, 30), "Yellow": (240, 210, 40), "Blue": (30, 60, 200),
+           "White": (240, 240, 240), "Green": (30, 150, 50), "Black": (20, 20, 20),
+           "Purple": (120, 40, 160), "Orange": (245, 130, 20), "Cyan": (40, 200, 210),
+           "Brown": (120, 70, 30), "Pink": (240, 120, 180)}
+# (fill, pattern): the two differ in luminance too, so textures survive in grayscale images
+PALETTES = (("Red", "Yellow"), ("Blue", "White"), ("Green", "Black"), ("Purple", "Orange"),
+            ("Black", "White"), ("Cyan", "Brown"), ("Orange", "Blue"), ("Yellow", "Purple"),
+            ("Pink", "Blue"), ("White", "Red"))
+MAX_CLASSES = len(SHAPES) * len(TEXTURES) * len(PALETTES)  # 400
+
+
+def class_spec(k):
+    """(shape, palette, texture) of 0-based class ``k``; a bijection on range(MAX_CLASSES).
+
+    Consecutive classes differ in shape, texture and palette at once (8 and 5 are coprime).
+    """
+    j, r = divmod(k, len(SHAPES) * len(TEXTURES))
+    return SHAPES[r % len(SHAPES)], PALETTES[(j + r) % len(PALETTES)], TEXTURES[r % len(TEXTURES)]
+
+
+def class_name(k):
+    shape, (fill, pattern), texture = class_spec(k)
+    return f"Synthetic_{shape}_{fill}_{pattern}_{texture}"
+
+
+def image_shape(image_size):
+    """(width, height) of every image: CUB's typical 4:3 landscape, e.g. 500 -> (500, 375)."""
+    return image_size, max(16, round(image_size * 3 / 4))
+
+
+def _gauge(shape, u, v):
+    """A gauge function of the shape in object units: <= 1 inside, growing outwards."""
+    au, av, r = np.abs(u), np.abs(v), np.hypot(u, v)
+    if shape == "Circle":
+        return r
+    if shape == "Square":
+        return np.maximum(au, av) / 0.7
+    if shape == "Triangle":
+        angles = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        return np.max([u * np.cos(a) + v * np.sin(a) for a in angles], axis=0) / 0.5
+    if shape == "Star":
+        phase = (np.arctan2(v, u) * 5 / (2 * np.pi)) % 1.0
+        return r / (0.42 + 0.58 * np.abs(2 * phase - 1))
+    if shape == "Cross":
+        return np.minimum(np.maximum(au / 0.32, av / 0.95), np.maximum(au / 0.95, av / 0.32))
+    if shape == "Ring":
+        return np.abs(r - 0.72) / 0.28
+    if shape == "Diamond":
+        return au / 0.55 + av
+    if shape == "Crescent":
+        return np.maximum(r, 0.78 / np.maximum(np.hypot(u - 0.42, v), 1e-6))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _pattern(texture, u, v, f, px):
+    """Weight of the pattern colour (0..1) at object coordinates; ``px`` = pixels per unit."""
+    if texture == "Plain":  # pattern colour as an outline
+        t = (f - 0.75) * 3 * px
+    elif texture == "Stripes":
+        t = np.sin(2 * np.pi * u / 0.6) * 0.6 * px / (2 * np.pi)
+    elif texture == "Dots":
+        du, dv = (u / 0.6 + 0.5) % 1 - 0.5, (v / 0.6 + 0.5) % 1 - 0.5
+        t = (0.2 - 0.6 * np.hypot(du, dv)) * px
+    elif texture == "Checks":
+        t = np.sin(np.pi * u / 0.55) * np.sin(np.pi * v / 0.55) * 0.55 * px / np.pi
+    elif texture == "Gradient":
+        return np.clip((u + 0.9) / 1.8, 0, 1)
+    else:
+        raise ValueError(f"unknown texture {texture!r}")
+    return np.clip(t + 0.5, 0, 1)
+
+
+def _background(rng, width, height):
+    """Soft random background: blotchy low-frequency colour, blobs and twigs, then blurred.
+
+    Drawn at most ~128 pixels high and scaled up: it is blurred anyway, and this is fast.
+    """
+    factor = max(1, min(width, height) // 96)
+    w, h = -(-width // factor), -(-height // factor)
+    base = rng.uniform(0, 255, 3)
+    small = base + rng.normal(0, 50, (3, 4, 3))
+    small += (small.mean(axis=2, keepdims=True) - small) * rng.uniform(0, 0.6)  # desaturate
+    small = np.clip(small, 0, 255).astype(np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    draw, s = ImageDraw.Draw(img), min(w, h)
+    named = list(COLOURS.values())
+    for _ in range(rng.integers(2, 6)):  # distractor blobs, colours not tied to any class
+        c = named[rng.integers(len(named))] if rng.random() < 0.5 else rng.uniform(0, 255, 3)
+        c = tuple(int(x) for x in np.clip(np.asarray(c) + rng.normal(0, 20, 3), 0, 255))
+        x, y = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = rng.uniform(0.04, 0.16, 2) * s
+        draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=c)
+    for _ in range(rng.integers(0, 4)):  # twigs
+        c = tuple(int(x) for x in rng.uniform(0, 200, 3))
+        pts = [float(p) for p in rng.uniform(0, 1, 4) * [w, h, w, h]]
+        draw.line(pts, fill=c, width=max(1, int(rng.uniform(0.01, 0.03) * s)))
+    img = img.filter(ImageFilter.GaussianBlur(radius=max(0.5, 0.015 * s)))
+    return img if factor == 1 else img.resize((width, height), Image.BILINEAR)
+
+
+def render(k, rng, image_size):
+    """One image of class ``k`` as (PIL RGB image, (x, y, width, height) of the object)."""
+    shape, (fill, pattern), texture = class_spec(k)
+    w, h = image_shape(image_size)
+    img = np.asarray(_background(rng, w, h), dtype=np.float32)
+    radius = rng.uniform(0.27, 0.45) * min(w, h)  # pixels per object unit; object fits r <= 1
+    cx = rng.uniform(radius + 1, w - radius - 1)
+    cy = rng.uniform(radius + 1, h - radius - 1)
+    theta = rng.uniform(-np.pi / 4, np.pi / 4)
+    squash = rng.uniform(0.85, 1.0)  # mild foreshortening; the object stays inside r <= 1
+    x0, y0 = max(0, int(cx - radius) - 1), max(0, int(cy - radius) - 1)  # the object's window
+    x1, y1 = min(w, int(cx + radius) + 2), min(h, int(cy + radius) + 2)
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = (xs + 0.5 - cx) / radius, (ys + 0.5 - cy) / radius
+    u = (np.cos(theta) * dx + np.sin(theta) * dy) / squash
+    v = -np.sin(theta) * dx + np.cos(theta) * dy
+    f = _gauge(shape, u, v)
+    alpha = np.clip((1 - f) * radius * 0.8 + 0.5, 0, 1)[..., None]
+    t = _pattern(texture, u, v, f, radius)[..., None]
+    c1, c2 = (np.float32(COLOURS[c] + rng.normal(0, 15, 3)) for c in (fill, pattern))
+    lx, ly = rng.uniform(-0.2, 0.2, 2)  # directional shading across the object
+    obj = (c1 * (1 - t) + c2 * t) * (1 + lx * dx + ly * dy)[..., None]
+    img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + obj * alpha
+    # pixel noise, uniform with a standard deviation of 2..10 (cheaper than normal at 500 px)
+    noise = (rng.random(img.shape, dtype=np.float32) - 0.5) * (rng.uniform(2, 10) * 12 ** 0.5)
+    img = img * rng.uniform(0.7, 1.3) + noise
+    rows, cols = np.nonzero(alpha[..., 0] >= 0.5)
+    box = (x0 + int(cols.min()), y0 + int(rows.min()), int(cols.max() - cols.min() + 1),
+           int(rows.max() - rows.min() + 1))
+    return Image.fromarray((np.clip(img, 0, 255) + 0.5).astype(np.uint8)), box
+
+
+def _check_args(classes, per_class, image_size, grayscale_fraction, train_fraction):
+    if not 2 <= classes <= MAX_CLASSES:
+        raise ValueError(f"classes must be between 2 and {MAX_CLASSES}, got {classes}")
+    if per_class < 2:
+        raise ValueError(f"per_class must be at least 2 (one train, one test), got {per_class}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
+    if not 0.0 <= grayscale_fraction <= 1.0:
+        raise ValueError(f"grayscale_fraction must be in [0, 1], got {grayscale_fraction}")
+    if not 0.0 < train_fraction < 1.0:
+        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+
+
+def _write_text(path, lines):
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.chmod(0o644)
+
+
+def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0,
+                       grayscale_fraction=0.05, train_fraction=0.5):
+    """Write ``data_dir/CUB_200_2011`` (CUB layout, JPEGs) and return its path.
+
+    The folder is built beside the target and renamed into place, so a crash leaves either the
+    old folder or the new one. An existing synthetic folder is replaced; a real one is refused.
+    """
+    _check_args(classes, per_class, image_size, grayscale_fraction, train_fraction)
+    data_dir = Path(data_dir)
+    target = data_dir / ROOT
+    readme = target / "README"
+    if target.exists() and not (readme.is_file() and readme.read_text().startswith(README_MARKER)):
+        raise UserError(f"{target} exists and is not a synthetic dataset; refusing to replace it")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n = classes * per_class
+    n_gray = round(n * grayscale_fraction)
+    if grayscale_fraction > 0 and n >= 20:
+        n_gray = max(n_gray, 1)
+    gray = set(rng.choice(n, size=n_gray, replace=False).tolist())
+    min_side = 2 if per_class >= 4 else 1
+    n_train = min(max(round(per_class * train_fraction), min_side), per_class - min_side)
+
+    tmp_root = Path(tempfile.mkdtemp(prefix=f".{ROOT}.", suffix=".tmp", dir=data_dir))
+    try:
+        tmp_root.chmod(0o755)
+        class_lines, image_lines, label_lines, split_lines, box_lines = [], [], [], [], []
+        for k in range(classes):
+            folder = f"{k + 1:03d}.{class_name(k)}"
+            class_lines.append(f"{k + 1} {folder}")
+            (tmp_root / "images" / folder).mkdir(parents=True)
+            train = set(rng.permutation(per_class)[:n_train].tolist())
+            for i in range(per_class):
+                image_id = k * per_class + i + 1
+                rel = f"{folder}/{class_name(k)}_{i + 1:04d}_{image_id}.jpg"
+                img, (x, y, bw, bh) = render(k, np.random.default_rng([seed, k, i]), image_size)
+                if image_id - 1 in gray:
+                    img = img.convert("L")
+                img.save(tmp_root / "images" / rel, "JPEG", quality=90)
+                image_lines.append(f"{image_id} {rel}")
+                label_lines.append(f"{image_id} {k + 1}")
+                split_lines.append(f"{image_id} {int(i in train)}")
+                box_lines.append(f"{image_id} {float(x)} {float(y)} {float(bw)} {float(bh)}")
+        for name, lines in (("classes.txt", class_lines), ("images.txt", image_lines),
+                            ("image_class_labels.txt", label_lines),
+                            ("train_test_split.txt", split_lines),
+                            ("bounding_boxes.txt", box_lines)):
+            _write_text(tmp_root / name, lines)
+        _write_text(tmp_root / "README", [
+            f"{README_MARKER} -- not real bird photographs.",
+            "Made by triplet.synthetic.make_synthetic_cub(classes={}, per_class={}, image_size={}, "
+            "seed={}, grayscale_fraction={}, train_fraction={}).".format(
+                classes, per_class, image_size, seed, grayscale_fraction, train_fraction),
+            "Same layout as CUB_200_2011 (no attributes/ or parts/). Each class is a shape, a "
+            "two-colour palette and a texture; the box is the drawn object's extent."])
+        old = None
+        if target.exists():
+            old = data_dir / f".{ROOT}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp_root, target)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+    return target
+
+
+def md5sum(path, chunk_size=1 << 20):
+    """Hex MD5 of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tarinfo(name, path):
+    info = tarfile.TarInfo(name)
+    info.mtime, info.uid, info.gid, info.uname, info.gname = ARCHIVE_MTIME, 0, 0, "", ""
+    mode = path.lstat().st_mode
+    if stat.S_ISDIR(mode):
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+    elif stat.S_ISREG(mode):
+        info.type, info.mode, info.size = tarfile.REGTYPE, 0o644, path.stat().st_size
+    else:
+        raise UserError(f"{path}: only regular files and folders can be packed")
+    return info
+
+
+def pack_archive(data_dir, archive_path):
+    """Pack ``data_dir/CUB_200_2011`` into a gzip tar like the official CUB_200_2011.tgz.
+
+    Members are sorted and carry fixed times and owners, and the gzip header has no time or
+    name, so the same dataset always gives the same bytes. Returns the archive's hex MD5.
+    """
+    root = Path(data_dir) / ROOT
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder to pack")
+    members = [(ROOT, root)]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root.parent).as_posix()
+        for name in sorted(dirnames + filenames):
+            members.append((f"{rel}/{name}", Path(dirpath) / name))
+    members.sort(key=lambda m: m[0].split("/"))
+    with atomic_path(archive_path) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, path in members:
+            info = _tarinfo(name, path)
+            if info.isreg():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    return md5sum(archive_path)
