@@ -22,7 +22,7 @@ from triplet.data import ImageDataset
 from triplet.fileio import atomic_path, read_json, write_json
 from triplet.model import BACKBONES, build_model
 from triplet.prepare import DataOptions, prepared_dir, read_manifest
-from triplet.transforms import eval_transform
+from triplet.transforms import EvalTransform
 
 
 @dataclass
@@ -77,7 +77,7 @@ def main(opts):
     precision = engine.resolve_precision(opts.precision, device)
     workers = engine.default_workers(device) if opts.workers < 0 else opts.workers
     paths, labels = read_manifest(prepared_dir(data), "test")
-    dataset = ImageDataset(paths, labels, eval_transform(options["image_size"]))
+    dataset = ImageDataset(paths, labels, EvalTransform(options["image_size"]))
     model.to(device, memory_format=torch.channels_last)
     print(f"embedding {len(paths)} test images of {prepared_dir(data)} on {device} ({precision})")
     embeddings, labels = engine.embed_dataset(model, dataset, device, precision, opts.batch_size, workers)

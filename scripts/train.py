@@ -25,7 +25,7 @@ from triplet.mining import get_miner
 from triplet.model import BACKBONES, build_model
 from triplet.prepare import DataOptions, prepared_dir, read_manifest
 from triplet.seeding import seed_everything
-from triplet.transforms import eval_transform, train_transform
+from triplet.transforms import EvalTransform, TrainTransform
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Options(DataOptions):
 
 
 def make_train_loader(opts, paths, labels, device, workers):
-    transform = train_transform(opts.image_size)
+    transform = TrainTransform(opts.image_size)
     if opts.mining == "none":
         dataset = TripletCUBDataset(paths, labels, transform, seed=opts.seed)
         sampler = None
@@ -111,7 +111,7 @@ def main(opts):
     if len(train_loader) == 0:
         raise UserError(f"--batch-size {opts.batch_size}: larger than the {len(train_paths)} training "
                              f"images of {prepared} allow for one step")
-    val_set = ImageDataset(val_paths, val_labels, eval_transform(opts.image_size))
+    val_set = ImageDataset(val_paths, val_labels, EvalTransform(opts.image_size))
     miner = None if opts.mining == "none" else get_miner(opts.mining, opts.margin)
 
     model = build_model(opts.backbone, opts.embedding_dim, opts.weights)

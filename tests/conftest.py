@@ -38,3 +38,13 @@ def data_copy(synthetic_root, tmp_path):
     target = tmp_path / "data"
     shutil.copytree(synthetic_root / "CUB_200_2011", target / "CUB_200_2011")
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root, tmp_path_factory):
+    """A finished, evaluated run: 2 epochs of ResNet18 at 32 px (random init) on the synthetic set."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny-resnet18"
+    run_script("train", "--data-dir", synthetic_root, "--resize", 48, "--weights", "none", "--image-size", 32,
+               "--epochs", 2, "--batch-size", 16, "--workers", 0, "--no-progress", "--out", run_dir)
+    run_script("evaluate", "--run", run_dir, "--workers", 0)
+    return run_dir

@@ -8,7 +8,7 @@ import torch
 from triplet.data import ImageDataset, PKSampler, TripletCUBDataset, draw_triplets, fixed_triplets
 from triplet.fileio import UserError
 from triplet.prepare import DataOptions, prepared_dir, read_manifest
-from triplet.transforms import eval_transform, load_image, resize_size_for, train_transform
+from triplet.transforms import EvalTransform, TrainTransform, load_image, resize_size_for
 
 LABELS = [1] * 5 + [2] * 3 + [3] * 2 + [7] * 6
 
@@ -34,14 +34,14 @@ def test_draws_are_deterministic_by_seed_and_vary_by_epoch():
 
 def test_triplet_dataset_items_and_fixed_mode(synthetic_root):
     paths, labels = read_manifest(prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=48)), "train")
-    dataset = TripletCUBDataset(paths, labels, eval_transform(32), seed=0, fixed=True)
+    dataset = TripletCUBDataset(paths, labels, EvalTransform(32), seed=0, fixed=True)
     anchor, positive, negative, item_labels = dataset[3]
     assert anchor.shape == positive.shape == negative.shape == (3, 32, 32)
     assert item_labels[0] == item_labels[1] == labels[3] and item_labels[2] != labels[3]
     before = [t.copy() for t in dataset.triplets]
     dataset.set_epoch(5)  # fixed: evaluation triplets never change
     assert all((x == y).all() for x, y in zip(before, dataset.triplets))
-    moving = TripletCUBDataset(paths, labels, eval_transform(32), seed=0)
+    moving = TripletCUBDataset(paths, labels, EvalTransform(32), seed=0)
     drawn = [t.copy() for t in moving.triplets]
     moving.set_epoch(1)
     assert any((x != y).any() for x, y in zip(drawn[1:], moving.triplets[1:]))
@@ -98,12 +98,12 @@ def test_grayscale_images_come_out_three_channel(synthetic_root):
     assert gray, "the synthetic set should contain grayscale images"
     image = load_image(gray[0])
     assert image.shape[0] == 3 and image.dtype == torch.uint8
-    assert eval_transform(32)(image).shape == (3, 32, 32)
-    assert train_transform(32)(image).shape == (3, 32, 32)
+    assert EvalTransform(32)(gray[0]).shape == (3, 32, 32)
+    assert TrainTransform(32)(image).shape == (3, 32, 32)
 
 
 def test_image_dataset_and_transform_sizes(synthetic_root):
     paths, labels = read_manifest(prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=48)), "test")
-    image, label = ImageDataset(paths, labels, eval_transform(40))[0]
+    image, label = ImageDataset(paths, labels, EvalTransform(40))[0]
     assert image.shape == (3, 40, 40) and image.dtype == torch.float32 and label == labels[0]
     assert resize_size_for(224) == 256

@@ -11,7 +11,6 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from triplet.fileio import UserError
-from triplet.transforms import load_image
 
 
 def _class_index(labels):
@@ -57,7 +56,7 @@ def fixed_triplets(labels, seed=0):
 
 
 class ImageDataset(Dataset):
-    """(image, class id) pairs; the unit of embedding and of PK batches."""
+    """(image, class id) pairs; the unit of embedding and of PK batches. ``transform``: path -> tensor."""
 
     def __init__(self, paths, labels, transform):
         self.paths, self.labels, self.transform = list(paths), list(labels), transform
@@ -66,7 +65,7 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(load_image(self.paths[i])), self.labels[i]
+        return self.transform(self.paths[i]), self.labels[i]
 
 
 class TripletCUBDataset(Dataset):
@@ -93,7 +92,7 @@ class TripletCUBDataset(Dataset):
 
     def __getitem__(self, i):
         a, p, n = (int(t[i]) for t in self.triplets)
-        images = [self.transform(load_image(self.paths[j])) for j in (a, p, n)]
+        images = [self.transform(self.paths[j]) for j in (a, p, n)]
         return (*images, torch.tensor([self.labels[a], self.labels[p], self.labels[n]]))
 
 

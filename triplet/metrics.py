@@ -3,10 +3,11 @@
 Retrieval uses cosine similarity (embeddings are normalised here), compares every query with all
 other images (itself excluded) and breaks similarity ties by the lower gallery index, so results
 are deterministic. It works on chunks of query rows with ``torch.topk`` (k = the largest of the
-requested k and R), so no N x N matrix or full sort is ever needed; ties at the k-th boundary
-fall back to a top-k over an int64 key packing (similarity, -index) into one number. MAP@R and R-Precision follow Musgrave et al.,
-"A Metric Learning Reality Check" (2020); queries whose class has no other member (R = 0) are left
-out of those two, but still count (as misses) in precision@k and recall@k.
+requested k and R), so no N x N matrix or full sort is ever needed; rows with a tie across the
+k-th place fall back to a top-k over an int64 key that packs (similarity, -index) into one number.
+MAP@R and R-Precision follow Musgrave et al., "A Metric Learning Reality Check" (2020); queries
+whose class has no other member (R = 0) are left out of those two, but still count (as misses)
+in precision@k and recall@k.
 """
 import numpy as np
 import torch
@@ -35,9 +36,14 @@ def _exact_order(sim, k):
     every key in a row is distinct and ``topk`` has nothing left to break arbitrarily.
     """
     n = sim.shape[1]
-    bits = (sim.masked_fill(sim == 0, 0.0)).view(torch.int32)  # -0.0 and +0.0 must tie
-    bits ^= (bits >> 31) & 0x7FFFFFFF
-    key = bits.to(torch.int64) << 32
+    bits = sim.masked_fill(sim == 0, 0.0).view(torch.int32)  # -0.0 and +0.0 must tie
+    sign = bits >> 31
+    sign &= 0x7FFFFFFF
+    bits ^= sign
+    del sign
+    key = bits.to(torch.int64)
+    del bits
+    key <<= 32
     key += torch.arange(n - 1, -1, -1, dtype=torch.int64)
     return torch.topk(key, k, dim=1).indices
 
@@ -52,9 +58,9 @@ def _nearest(x, start, stop, k):
     sim = x[start:stop] @ x.T
     rows = torch.arange(stop - start)
     sim[rows, rows + start] = -float("inf")  # never retrieve the query itself
-    vals, idx = torch.topk(sim, min(k + 1, sim.shape[1]), dim=1)
-    tied = vals[:, k - 1] == vals[:, k] if k < sim.shape[1] else torch.zeros_like(rows, dtype=bool)
-    vals, idx = vals[:, :k] + 0.0, idx[:, :k]
+    vals, idx = torch.topk(sim, k + 1, dim=1)  # k <= N-1, so k+1 fits
+    tied = vals[:, k - 1] == vals[:, k]
+    vals, idx = vals[:, :k] + 0.0, idx[:, :k]  # + 0.0 turns -0.0 into +0.0
     idx, perm = idx.sort(dim=1)
     order = vals.gather(1, perm).sort(dim=1, descending=True, stable=True).indices
     idx = idx.gather(1, order)
@@ -67,8 +73,8 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
                       chunk_size=1024, with_nmi=True, seed=0, n_init=3):
     """Precision@k, Recall@k, MAP@R, R-Precision (and NMI) of leave-one-out cosine retrieval.
 
-    With fewer than k other images, precision@k divides by N-1 instead of k. Peak memory is
-    about 16 * chunk_size * N bytes on top of the embeddings (~1 GB for N = 60,000).
+    With fewer than k other images, precision@k divides by N-1 instead of k. Working memory is
+    a chunk_size x N float32 block (~250 MB for N = 60,000), up to ~5x that if many rows tie.
     """
     x = F.normalize(_as_float(embeddings), dim=1)
     codes = _label_codes(labels)

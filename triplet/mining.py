@@ -1,4 +1,4 @@
-"""Triplet miners: pure functions of (embeddings, labels) returning ``(anchor, positive, negative)``.
+"""Triplet miners: pure functions of (embeddings, labels) returning (anchor, positive, negative).
 
 Each miner returns three 1-D int64 index tensors into the batch, on the embeddings' device, so
 any miner feeds the one loss in ``triplet.losses``. Distances are Euclidean; a precomputed
@@ -29,7 +29,7 @@ def _empty(device):
 
 @torch.no_grad()
 def all_triplets(labels, device=None):
-    """Every (a, p, n) with label[a] == label[p], a != p and label[n] != label[a], in a-p-n order."""
+    """Every (a, p, n) with label[a] == label[p], a != p, label[n] != label[a]; a-p-n order."""
     device = device or (labels.device if isinstance(labels, torch.Tensor) else "cpu")
     pos, neg = _masks(labels, device)
     a, p, n = torch.nonzero(pos[:, :, None] & neg[:, None, :], as_tuple=True)

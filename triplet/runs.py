@@ -31,7 +31,7 @@ def git_commit():
 
 
 def environment(device, precision, world_size=1):
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "precision": precision, "world_size": world_size}
