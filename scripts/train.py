@@ -89,6 +89,21 @@ def make_train_loader(opts, paths, labels, device, workers):
     return loader, [sampler]
 
 
+def history_row(epoch, stats, val, lr, seconds):
+    nan = float("nan")
+    return {"epoch": epoch, "train_loss": round(stats.get("train_loss", nan), 6),
+            "active_triplets": round(stats.get("active_triplets", nan), 2),
+            "val_loss": round(val.get("loss", nan), 6),
+            "val_triplet_accuracy": round(val.get("triplet_accuracy", nan), 4),
+            "val_precision_at_1": round(val.get("precision_at_1", nan), 4), "lr": lr, "seconds": round(seconds, 1)}
+
+
+def format_row(row, epochs, improved):
+    return (f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_acc {row['val_triplet_accuracy']:.2f}%  val_P@1 {row['val_precision_at_1']:.2f}%  "
+            f"active {row['active_triplets']:.1f}  {row['seconds']:.1f}s{'  *best*' if improved else ''}")
+
+
 def main(opts):
     dist.init_distributed()
     device = engine.resolve_device(opts.device)
@@ -123,7 +138,7 @@ def main(opts):
         load_model_state(model, checkpoint["model"], resume_from)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
-        history = checkpoint.get("history", [])[:start_epoch]
+        history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
         log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
     if start_epoch >= opts.epochs:
         log(f"{run_dir}: already trained for {start_epoch} epochs; nothing to do")
@@ -139,6 +154,17 @@ def main(opts):
     log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "
         f"images, {len(train_loader)} steps per epoch, mining={opts.mining}, workers={workers}")
 
+    def validate():
+        if not val_paths:
+            return {}
+        embeddings, labels = engine.embed_dataset(model, val_set, device, precision, opts.eval_batch_size, workers)
+        return engine.evaluate_embeddings(embeddings, labels, opts.margin, opts.seed, with_nmi=False) if dist.is_main() else {}
+
+    if start_epoch == 0 and val_paths:  # epoch 0: the untrained model, so the curves show what training added
+        val = validate()
+        history = [history_row(0, {}, val, opts.lr, 0.0)]
+        log(format_row(history[0], opts.epochs, False))
+
     for epoch in range(start_epoch, opts.epochs):
         # Everything random in an epoch is a function of (seed, epoch): a resumed run repeats it.
         torch.manual_seed(opts.seed * 1000 + epoch)
@@ -151,17 +177,8 @@ def main(opts):
         start = time.perf_counter()
         stats = engine.train_one_epoch(net, train_loader, optimizer, device, precision, opts.margin, miner,
                                        epoch, opts.progress)
-        val = {}
-        if val_paths:
-            embeddings, labels = engine.embed_dataset(model, val_set, device, precision, opts.eval_batch_size, workers)
-            if dist.is_main():
-                val = engine.evaluate_embeddings(embeddings, labels, opts.margin, opts.seed, with_nmi=False)
-        row = {"epoch": epoch + 1, "train_loss": round(stats["train_loss"], 6),
-               "active_triplets": round(stats["active_triplets"], 2),
-               "val_loss": round(val.get("loss", float("nan")), 6),
-               "val_triplet_accuracy": round(val.get("triplet_accuracy", float("nan")), 4),
-               "val_precision_at_1": round(val.get("precision_at_1", float("nan")), 4),
-               "lr": lr, "seconds": round(time.perf_counter() - start, 1)}
+        val = validate()
+        row = history_row(epoch + 1, stats, val, lr, time.perf_counter() - start)
         history.append(row)
         if dist.is_main():
             metric = row["val_precision_at_1"] if val_paths else -row["train_loss"]
@@ -174,10 +191,7 @@ def main(opts):
                 save_checkpoint(run_dir / "checkpoint_best.pt", checkpoint)
             save_checkpoint(run_dir / "checkpoint_last.pt", checkpoint)
             runs.write_history(run_dir, history)
-            log(f"epoch {epoch + 1}/{opts.epochs}  train_loss {row['train_loss']:.4f}  val_loss "
-                f"{row['val_loss']:.4f}  val_acc {row['val_triplet_accuracy']:.2f}%  val_P@1 "
-                f"{row['val_precision_at_1']:.2f}%  active {row['active_triplets']:.1f}  "
-                f"{row['seconds']:.1f}s{'  *best*' if improved else ''}")
+            log(format_row(row, opts.epochs, improved))
         dist.barrier()
     log(f"done: {run_dir}/checkpoint_best.pt; next: python scripts/evaluate.py --run {run_dir}")
 

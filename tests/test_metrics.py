@@ -151,6 +151,15 @@ def test_nmi_separable_clusters_is_100():
     assert retrieval_metrics(x, y)["nmi"] == pytest.approx(100.0)
 
 
+def test_nmi_is_deterministic_and_matches_retrieval_metrics():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = rng.integers(0, 10, size=200)
+    value = nmi(x, y, seed=1)
+    assert 0.0 <= value <= 100.0
+    assert value == nmi(x, y, seed=1) == retrieval_metrics(x, y, seed=1)["nmi"]
+
+
 def test_rejects_bad_input():
     with pytest.raises(ValueError):
         retrieval_metrics(np.ones((1, 2)), [0])

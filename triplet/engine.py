@@ -69,12 +69,12 @@ def _seed_worker(worker_id):
 def make_loader(dataset, device, workers, batch_size=None, batch_sampler=None, shuffle=False,
                 sampler=None, seed=0, drop_last=False):
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=None if batch_sampler else batch_size, batch_sampler=batch_sampler,
-        shuffle=shuffle if batch_sampler is None and sampler is None else False, sampler=sampler,
-        drop_last=drop_last if batch_sampler is None else False, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_seed_worker, generator=generator)
+    batching = ({"batch_sampler": batch_sampler} if batch_sampler is not None else
+                {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler,
+                 "drop_last": drop_last})
+    return DataLoader(dataset, **batching, num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=_seed_worker,
+                      generator=generator)
 
 
 def to_device(images, device):

@@ -108,17 +108,20 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
     out["map_at_r"] = 100.0 * map_r / n_valid if n_valid else 0.0
     out["r_precision"] = 100.0 * r_prec / n_valid if n_valid else 0.0
     if with_nmi:
-        out["nmi"] = nmi(x, codes, seed=seed, n_init=n_init)
+        out["nmi"] = _kmeans_nmi(x.numpy(), codes.numpy(), seed, n_init)
     return {k: float(v) for k, v in out.items()}
 
 
 def nmi(embeddings, labels, seed=0, n_init=3):
     """NMI (%) between the labels and k-means (one cluster per label) on normalised embeddings."""
-    from sklearn.cluster import KMeans
+    x = F.normalize(_as_float(embeddings), dim=1)
+    return _kmeans_nmi(x.numpy(), _label_codes(labels).numpy(), seed, n_init)
+
+
+def _kmeans_nmi(x, codes, seed, n_init):
+    from sklearn.cluster import KMeans  # imported here: only NMI needs scikit-learn
     from sklearn.metrics import normalized_mutual_info_score
 
-    x = F.normalize(_as_float(embeddings), dim=1).numpy()
-    codes = _label_codes(labels).numpy()
     pred = KMeans(n_clusters=int(codes.max()) + 1, n_init=n_init, random_state=seed).fit_predict(x)
     return float(100.0 * normalized_mutual_info_score(codes, pred))
 
