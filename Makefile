@@ -5,6 +5,8 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 .DELETE_ON_ERROR:
+# Run files are results, never intermediates to clean up.
+.SECONDARY:
 
 PYTHON ?= python3
 VENV ?= .venv

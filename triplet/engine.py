@@ -67,12 +67,12 @@ def _seed_worker(worker_id):
 
 
 def make_loader(dataset, device, workers, batch_size=None, batch_sampler=None, shuffle=False,
-                sampler=None, seed=0, drop_last=False):
+                sampler=None, seed=0, drop_last=False, pin_memory=True):
     generator = torch.Generator().manual_seed(seed)
     batching = ({"batch_sampler": batch_sampler} if batch_sampler is not None else
                 {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler,
                  "drop_last": drop_last})
-    return DataLoader(dataset, **batching, num_workers=workers, pin_memory=device.type == "cuda",
+    return DataLoader(dataset, **batching, num_workers=workers, pin_memory=pin_memory and device.type == "cuda",
                       prefetch_factor=4 if workers > 0 else None, worker_init_fn=_seed_worker,
                       generator=generator)
 

@@ -16,7 +16,7 @@ from triplet.fileio import UserError, read_json, write_csv, write_json
 HISTORY_FIELDS = ["epoch", "train_loss", "active_triplets", "val_loss", "val_triplet_accuracy",
                   "val_precision_at_1", "lr", "seconds"]
 # Options that may differ between the first run and a resumed one without changing the result.
-RESUMABLE = {"resume", "force", "workers", "device", "progress", "epochs", "eval_batch_size"}
+RESUMABLE = {"resume", "force", "workers", "device", "progress", "epochs", "eval_batch_size", "gpu_cache", "compile"}
 RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.json",
              "test_embeddings.npz", "curves.png", "tsne.png", "retrieval.png"]
 

@@ -49,3 +49,19 @@ class EvalTransform:
 
     def __call__(self, source):
         return torch.from_numpy(preprocess(open_rgb(source), self.image_size))
+
+
+class CachedTrainTransform:
+    """``--gpu-cache``: decode every image once, keep the uint8 tensors on the training device and
+    augment there, so an epoch is not bound by CPU decoding (all of CUB at short side 256 is about
+    3 GB). Needs DataLoader workers=0: CUDA tensors do not cross process boundaries.
+    """
+
+    def __init__(self, paths, image_size, device):
+        from tqdm import tqdm
+
+        self.ops = TrainTransform(image_size).ops
+        self.images = {str(p): load_image(p).to(device) for p in tqdm(paths, desc="cache", unit="img", leave=False)}
+
+    def __call__(self, path):
+        return self.ops(self.images[str(path)])

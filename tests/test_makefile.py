@@ -1,0 +1,80 @@
+"""The Makefile encodes the study's experiment table; check it with dry runs (`make -n`)."""
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+# The study (../shared/seed): epochs, learning rate, batch size of experiments 1-6.
+STUDY = {"exp1": (20, 0.001, 32), "exp2": (20, 0.002, 32), "exp3": (20, 0.001, 64), "exp4": (20, 0.002, 64),
+         "exp5": (60, 0.001, 32), "exp6": (60, 0.001, 64)}
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def dry_run(*args, tmp_path):
+    result = subprocess.run(["make", "-n", *args, f"DATA_DIR={tmp_path}/data", f"RESULTS={tmp_path}/results"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def option(command, name):
+    values = re.findall(rf"--{name} (\S+)", command)
+    return values[-1]  # argparse keeps the last occurrence
+
+
+@pytest.mark.parametrize("experiment", sorted(STUDY))
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet34"])
+def test_experiment_targets_match_the_study(experiment, backbone, tmp_path):
+    output = dry_run(experiment, f"BACKBONE={backbone}", tmp_path=tmp_path)
+    train = next(line for line in output.splitlines() if "scripts/train.py" in line)
+    epochs, lr, batch = STUDY[experiment]
+    assert int(option(train, "epochs")) == epochs
+    assert float(option(train, "lr")) == lr
+    assert int(option(train, "batch-size")) == batch
+    assert option(train, "backbone") == backbone
+    assert "--mining" not in train  # the study: offline random triplets (the default)
+    assert option(train, "out") == f"{tmp_path}/results/{experiment}-{backbone}"
+    assert "--resume" in train  # an interrupted run continues
+    chain = [line for line in output.splitlines() if "scripts/" in line]
+    assert [re.search(r"scripts/(\w+)\.py", line).group(1) for line in chain] == \
+        ["prepare_data", "train", "evaluate", "plot_embeddings"]
+    assert not any(line.startswith("rm ") for line in output.splitlines())
+
+
+def test_overrides_reach_the_commands(tmp_path):
+    output = dry_run("exp2", "EPOCHS=3", "DEVICE=cpu", "IMAGE_SIZE=64", "WORKERS=0", "WEIGHTS=none", "SPLIT=classes",
+                     tmp_path=tmp_path)
+    train = next(line for line in output.splitlines() if "scripts/train.py" in line)
+    assert option(train, "epochs") == "3" and option(train, "device") == "cpu"
+    assert option(train, "image-size") == "64" and option(train, "workers") == "0"
+    assert option(train, "weights") == "none" and option(train, "split") == "classes"
+
+
+def test_a_finished_run_is_not_retrained(tmp_path):
+    prepared = tmp_path / "data" / "prepared" / "official-r256-val0.1-seed0"
+    prepared.mkdir(parents=True)
+    (prepared / "prepare.json").write_text("{}")
+    run = tmp_path / "results" / "exp1-resnet18"
+    run.mkdir(parents=True)
+    for name in ("metrics.json", "tsne.png"):
+        (run / name).write_text("done")
+    assert "scripts/" not in dry_run("exp1", tmp_path=tmp_path)
+    (run / "tsne.png").unlink()  # only the plots are missing: no retraining, only plotting
+    output = dry_run("exp1", tmp_path=tmp_path)
+    assert "plot_embeddings" in output and "train.py" not in output
+
+
+def test_exp7_uses_online_mining_and_torchrun_with_nproc(tmp_path):
+    train = next(line for line in dry_run("exp7", "NPROC=4", tmp_path=tmp_path).splitlines() if "train.py" in line)
+    assert option(train, "mining") in ("semihard", "hard") and "--nproc_per_node 4" in train
+
+
+def test_help_lists_every_target():
+    result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    for target in ["setup", "test", "data", "exp1", "exp7", "all", "baseline", "report", "export", "bench",
+                   "bench-train", "demo"]:
+        assert re.search(rf"^\s+{re.escape(target)}\s", result.stdout, re.M), target

@@ -1,0 +1,211 @@
+"""Training and evaluation end to end: learning, checkpoints, resume, interruption, determinism."""
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_script
+from triplet.checkpoint import load_checkpoint, model_from_checkpoint
+from triplet.engine import NonFiniteLoss, embed, make_loader, train_one_epoch
+from triplet.fileio import UserError
+from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
+from triplet.synthetic import make_synthetic_cub
+
+METRIC_KEYS = ["loss", "triplet_accuracy", "cos_sim_ap", "cos_sim_an", "precision_at_1", "precision_at_5",
+               "precision_at_10", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
+               "r_precision", "nmi"]
+
+
+def train_args(data_dir, out, *extra):
+    return ["--data-dir", data_dir, "--resize", 48, "--weights", "none", "--image-size", 32, "--batch-size", 16,
+            "--workers", 0, "--no-progress", "--out", out, *extra]
+
+
+def read_history(run_dir, drop=("seconds",)):
+    with open(run_dir / "history.csv") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+def metrics_of(run_dir):
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def learnable_root(tmp_path_factory):
+    """Ten classes with enough images that validation Precision@1 is not noise."""
+    data_dir = tmp_path_factory.mktemp("learnable")
+    make_synthetic_cub(data_dir, classes=10, per_class=24, image_size=48, seed=1)
+    prepare(DataOptions(data_dir=str(data_dir), resize=40, val_fraction=0.34), workers=1, log=lambda *a: None)
+    return data_dir
+
+
+def test_training_improves_validation_precision(learnable_root, tmp_path):
+    out = tmp_path / "run"
+    run_script("train", "--data-dir", learnable_root, "--resize", 40, "--val-fraction", 0.34, "--weights", "none",
+               "--image-size", 32, "--epochs", 5, "--batch-size", 40, "--mining", "semihard", "--margin", 0.2,
+               "--samples-per-class", 4, "--workers", 0, "--no-progress", "--out", out)
+    history = read_history(out)
+    before = float(history[0]["val_precision_at_1"])
+    best = max(float(row["val_precision_at_1"]) for row in history[1:])
+    assert history[0]["epoch"] == "0" and len(history) == 6
+    assert best >= before + 15, f"val P@1 {before} -> {best}"
+    assert float(history[-1]["active_triplets"]) >= 0
+
+
+def test_run_folder_and_checkpoint_round_trip(tiny_run):
+    for name in ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.json",
+                 "test_embeddings.npz"]:
+        assert (tiny_run / name).is_file(), name
+    checkpoint = torch.load(tiny_run / "checkpoint_best.pt", weights_only=True)
+    assert {"model", "optimizer", "epoch", "best_metric", "model_args", "config"} <= set(checkpoint)
+    assert checkpoint["model_args"] == {"backbone": "resnet18", "embedding_dim": 128}
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["options"]["lr"] == 0.001 and config["environment"]["torch"] == torch.__version__
+    assert {"git_commit", "device", "torchvision"} <= set(config["environment"])
+    # The model rebuilt from the checkpoint alone reproduces the saved test embeddings.
+    model, _ = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
+    saved = np.load(tiny_run / "test_embeddings.npz")
+    from triplet.data import ImageDataset
+    from triplet.transforms import EvalTransform
+    loader = make_loader(ImageDataset(saved["paths"][:8], saved["labels"][:8], EvalTransform(32)),
+                         torch.device("cpu"), 0, batch_size=8)
+    embeddings, labels = embed(model, loader, torch.device("cpu"), "fp32")
+    assert np.allclose(embeddings, saved["embeddings"][:8], atol=1e-5)
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
+
+
+def test_evaluate_writes_every_metric(tiny_run):
+    metrics = metrics_of(tiny_run)
+    for key in METRIC_KEYS:
+        assert isinstance(metrics[key], float), key
+    assert 0 <= metrics["precision_at_1"] <= 100 and metrics["num_images"] == 72
+    saved = np.load(tiny_run / "test_embeddings.npz")
+    assert saved["embeddings"].shape == (72, 128) and len(saved["paths"]) == 72
+
+
+def test_evaluate_untrained_checkpoint_keeps_the_trained_metrics(tiny_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run, run_dir)
+    before = (run_dir / "metrics.json").read_text()
+    run_script("evaluate", "--run", run_dir, "--checkpoint", "none", "--workers", 0)
+    assert (run_dir / "metrics.json").read_text() == before
+    untrained = json.loads((run_dir / "metrics_untrained.json").read_text())
+    assert untrained["checkpoint"] == "none" and set(METRIC_KEYS) <= set(untrained)
+
+
+def test_resume_and_determinism(synthetic_root, tmp_path):
+    """Same seed -> identical history and metrics; 1 epoch + resume to 2 == 2 epochs straight."""
+    straight, twin, resumed = tmp_path / "straight", tmp_path / "twin", tmp_path / "resumed"
+    for out in (straight, twin):
+        run_script("train", *train_args(synthetic_root, out, "--epochs", 2))
+        run_script("evaluate", "--run", out, "--workers", 0)
+    run_script("train", *train_args(synthetic_root, resumed, "--epochs", 1))
+    assert load_checkpoint(resumed / "checkpoint_last.pt")["epoch"] == 0
+    result = run_script("train", *train_args(synthetic_root, resumed, "--epochs", 2, "--resume"))
+    assert "resuming" in result.stdout
+    run_script("evaluate", "--run", resumed, "--workers", 0)
+    assert read_history(straight) == read_history(twin) == read_history(resumed)
+    strip = lambda m: {k: v for k, v in m.items() if k != "checkpoint"}  # noqa: E731
+    assert strip(metrics_of(straight)) == strip(metrics_of(twin)) == strip(metrics_of(resumed))
+    again = run_script("train", *train_args(synthetic_root, resumed, "--epochs", 2, "--resume"))
+    assert "nothing to do" in again.stdout
+
+
+def test_sigterm_mid_epoch_keeps_last_checkpoint_and_resume_matches(synthetic_root, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_script("train", *train_args(synthetic_root, straight, "--epochs", 3))
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"),
+               *map(str, train_args(synthetic_root, killed, "--epochs", 3))]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint_last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "--resume" in stdout + stderr
+    last = load_checkpoint(killed / "checkpoint_last.pt")
+    assert last["epoch"] in (0, 1)  # intact: the last completed epoch
+    assert not list(killed.glob(".*tmp*"))  # no half-written file left behind
+    run_script("train", *train_args(synthetic_root, killed, "--epochs", 3, "--resume"))
+    assert read_history(killed) == read_history(straight)
+    for run_dir in (straight, killed):
+        run_script("evaluate", "--run", run_dir, "--workers", 0)
+    strip = lambda m: {k: v for k, v in m.items() if k != "checkpoint"}  # noqa: E731
+    assert strip(metrics_of(killed)) == strip(metrics_of(straight))
+
+
+def test_a_finished_or_different_run_is_not_overwritten(tiny_run, synthetic_root, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    before = (run_dir / "checkpoint_best.pt").read_bytes()
+    result = run_script("train", *train_args(synthetic_root, run_dir, "--epochs", 2), check=False)
+    assert result.returncode == 2 and "already holds a run" in result.stderr and str(run_dir) in result.stderr
+    result = run_script("train", *train_args(synthetic_root, run_dir, "--epochs", 2, "--lr", 0.01, "--resume"),
+                        check=False)
+    assert result.returncode == 2 and "different configuration" in result.stderr and "--lr" in result.stderr
+    assert (run_dir / "checkpoint_best.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--epochs", "0"], "--epochs 0: must be >= 1"),
+    (["--batch-size", "1"], "--batch-size 1: must be >= 2"),
+    (["--backbone", "vgg16"], "--backbone 'vgg16': unknown"),
+    (["--mining", "hard", "--batch-size", "56", "--samples-per-class", "4"], "PK batches need P"),
+    (["--data-dir", "/nonexistent/data"], "no prepared data"),
+])
+def test_bad_options_give_one_line_errors(synthetic_root, tmp_path, args, message):
+    result = run_script("train", *train_args(synthetic_root, tmp_path / "run", *args), check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_non_finite_loss_names_epoch_and_step():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images):
+            return images.flatten(1)[:, :4] * self.weight * float("nan")
+
+    batch = (torch.ones(2, 3, 4, 4), torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(2, 3))
+    model = Broken()
+    with pytest.raises(NonFiniteLoss, match="epoch 3, step 1"):
+        train_one_epoch(model, [batch], torch.optim.Adam(model.parameters()), torch.device("cpu"), "fp32", 1.0,
+                        epoch=2, progress=False)
+
+
+def test_corrupt_or_foreign_checkpoints_are_refused(tiny_run, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(garbage)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(UserError, match="not a triplet checkpoint"):
+        load_checkpoint(plain)
+    checkpoint = torch.load(tiny_run / "checkpoint_best.pt", weights_only=True)
+    for model_args in ({"backbone": "resnet34", "embedding_dim": 128}, {"backbone": "resnet18", "embedding_dim": 64}):
+        foreign = tmp_path / "foreign.pt"
+        torch.save({**checkpoint, "model_args": model_args}, foreign)
+        with pytest.raises(UserError, match="weights do not fit this model"):
+            model_from_checkpoint(foreign)
+    result = run_script("evaluate", "--run", tmp_path, "--checkpoint", garbage, check=False)
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
+
+
+def test_evaluate_missing_run_folder(tmp_path):
+    result = run_script("evaluate", "--run", tmp_path / "missing", check=False)
+    assert result.returncode == 2 and "run folder not found" in result.stderr

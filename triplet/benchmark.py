@@ -1,0 +1,165 @@
+"""Benchmark plumbing: fresh processes per measurement, step timing, peaks, FLOP accounting.
+
+Each measurement runs in its own process (``in_fresh_process``), so one path's memory peak,
+allocator caches and thread pools never leak into the next. The processes are forked from a
+forkserver that has imported the script once: starting one costs milliseconds, not a torch
+import, and the server has never touched CUDA or a thread pool, so forking it is safe.
+"""
+import multiprocessing
+import sys
+import time
+import traceback
+
+import torch
+
+from triplet.fileio import UserError
+
+# Forward GMACs (multiply-adds) per 224x224 image, as torchvision documents them.
+GMACS_224 = {"resnet18": 1.81, "resnet34": 3.66}
+
+
+def forward_gflop(backbone, image_size):
+    """FLOPs (2 per MAC) of one forward pass of one image, scaled by the pixel count."""
+    return 2 * GMACS_224[backbone] * (image_size / 224) ** 2
+
+
+def train_gflop_per_triplet(backbone, image_size):
+    """Three images, each a forward and a backward (about twice the forward): 9 forwards."""
+    return 3 * 3 * forward_gflop(backbone, image_size)
+
+
+def _context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _child(connection, function, kwargs):
+    try:
+        connection.send(("ok", function(**kwargs)))
+    except UserError as e:  # the parent re-raises both
+        connection.send(("user error", str(e)))
+    except BaseException:
+        connection.send(("crash", traceback.format_exc()))
+    finally:
+        connection.close()
+
+
+def in_fresh_process(function, **kwargs):
+    """Return ``function(**kwargs)`` computed in a new process; its result must pickle."""
+    context = _context()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(send, function, kwargs), name=function.__name__)
+    process.start()
+    send.close()
+    try:
+        outcome, value = receive.recv()
+    except EOFError:
+        process.join()
+        raise UserError(f"the {function.__name__} measurement died (exit code {process.exitcode}); "
+                        f"out of memory? try a smaller --batch-size or --image-size") from None
+    except BaseException:  # Ctrl-C: don't leave the measurement running
+        process.terminate()
+        process.join()
+        raise
+    process.join()
+    if outcome == "user error":
+        raise UserError(value)
+    if outcome == "crash":
+        raise RuntimeError(f"{function.__name__} failed in its process:\n{value}")
+    return value
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed_batches(loader, warmup, steps, device, seconds):
+    """Yield ``warmup + steps`` batches; append to ``seconds`` the time the last ``steps`` took.
+
+    The clock starts when the consumer asks for the first timed batch (the warm-up steps are
+    done) and stops when it asks for one more after the last (the last step is done), so it
+    covers whole steps, waiting for data included, in any training loop that iterates this.
+    """
+    batches = iter(loader)
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        yield next(batches)
+    synchronize(device)
+    seconds.append(time.perf_counter() - start)
+
+
+def peak_rss_mb():
+    """This process's resident-set high-water mark, in MiB.
+
+    Linux: VmHWM of this process's own address space. ``ru_maxrss`` is not used there because
+    it carries over the parent's peak across exec. It counts the libraries every torch process
+    maps (a few hundred MiB) but not DataLoader workers, which are processes of their own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def worker_peak_rss_mb():
+    """The largest finished child's (DataLoader worker's) RSS high-water mark, in MiB.
+
+    A forked worker counts the pages it shares with the main process, so this overstates what
+    it adds; None where the platform cannot tell.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def memory_report(device):
+    report = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+    workers = worker_peak_rss_mb()
+    if workers:
+        report["worker_peak_rss_mb"] = round(workers, 1)
+    if device.type == "cuda":
+        report["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return report
+
+
+def matmul_peak_gflops(device, dtype, size=None, repeats=5):
+    """Best-of-``repeats`` FLOP/s of a large square matmul: the machine's practical peak.
+
+    On CUDA the fp32 matmul may use TF32 exactly when cuDNN's fp32 convolutions do (their
+    default), so the fp32 peak is the one the fp32 training path can reach.
+    """
+    if device.type == "cuda" and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+    n = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    synchronize(device)
+    start = time.perf_counter()
+    a @ b
+    synchronize(device)
+    calls = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))  # about 0.2 s per timing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return 2 * n**3 / best / 1e9

@@ -1,0 +1,151 @@
+"""Deployment: embed images with an exported ONNX model, using onnxruntime, NumPy and Pillow only.
+
+No torch here, on purpose: a service that embeds bird photos should not need a 1 GB training
+stack. The model file carries everything needed besides its weights (backbone, embedding size,
+input size, resize size, mean, std, source run) as JSON-encoded ``metadata_props``, and the
+preprocessing is ``triplet.preprocess.preprocess``, the very function the torch evaluation
+transform calls, so deployed embeddings match evaluation by construction.
+
+Also here: the cached gallery embeddings and nearest-neighbour lookup behind scripts/search.py.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from triplet.fileio import UserError, atomic_path
+from triplet.preprocess import list_images, open_rgb, preprocess
+
+FORMAT = "triplet-embedding-onnx/1"
+REQUIRED_METADATA = ("backbone", "embedding_dim", "image_size", "resize_size", "mean", "std")
+
+
+def encode_metadata(metadata):
+    """{key: value} -> {key: JSON string}: ONNX metadata_props hold strings only."""
+    return {"format": FORMAT, **{k: json.dumps(v) for k, v in metadata.items() if k != "format"}}
+
+
+def decode_metadata(props, source):
+    """The inverse of ``encode_metadata``; a model exported by anything else is refused by name."""
+    if props.get("format") != FORMAT or any(k not in props for k in REQUIRED_METADATA):
+        raise UserError(f"{source}: has no triplet metadata (backbone, image size, mean, std...); "
+                        f"export it with scripts/export_onnx.py")
+    try:
+        return {"format": FORMAT, **{k: json.loads(v) for k, v in props.items() if k != "format"}}
+    except json.JSONDecodeError as e:
+        raise UserError(f"{source}: damaged triplet metadata ({e})") from None
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+class OnnxEmbedder:
+    """An exported EmbeddingNet: images (paths or PIL images) -> L2-normalised float32 embeddings."""
+
+    def __init__(self, path, providers=None, threads=None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: model file not found; export one with scripts/export_onnx.py")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # onnxruntime's warnings are for its developers, not users
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            raise UserError(f"{self.path}: not a loadable ONNX model ({_first_line(e)})") from None
+        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        self.input_name = self.session.get_inputs()[0].name
+        self.image_size = int(self.metadata["image_size"])
+        self.resize_size = int(self.metadata["resize_size"])
+        self.embedding_dim = int(self.metadata["embedding_dim"])
+
+    def preprocess(self, images):
+        """Paths or PIL images -> float32 N x 3 x S x S, exactly as evaluation prepares them."""
+        return np.stack([preprocess(open_rgb(image), self.image_size, self.resize_size,
+                                    self.metadata["mean"], self.metadata["std"]) for image in images])
+
+    def run(self, batch):
+        """A preprocessed float32 batch -> its embeddings."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def embed(self, images, batch_size=64):
+        """Embed paths or PIL images (one, or a sequence) in batches; returns N x D float32."""
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
+        images = list(images)
+        out = [self.run(self.preprocess(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.empty((0, self.embedding_dim), np.float32)
+
+
+def file_digest(path, length=16):
+    """A short SHA-256 of a file: names the gallery cache, so another model never reuses it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def _read_cache(path, digest):
+    """{relative path: (size, mtime_ns, embedding)} from a cache file; empty if absent or damaged."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["model"]) != digest:
+                return {}
+            return {str(p): (int(s), int(m), e) for p, s, m, e in
+                    zip(data["paths"], data["sizes"], data["mtimes"], data["embeddings"])}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def gallery_embeddings(embedder, folder, batch_size=64, log=print):
+    """Embed every image under ``folder``, reusing a cache beside it for unchanged files.
+
+    The cache ``folder/.triplet-gallery-<model digest>.npz`` is keyed on each file's relative
+    path, size and modification time, and on the model: a changed, added or removed file is
+    re-embedded (or dropped) on the next call and the rest are reused. Returns (paths, N x D).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--gallery {folder}: folder not found")
+    files = list_images(folder)
+    if not files:
+        raise UserError(f"--gallery {folder}: holds no images (.jpg, .jpeg, .png, .bmp, .webp)")
+    digest = file_digest(embedder.path)
+    cache_path = folder / f".triplet-gallery-{digest}.npz"
+    cached = _read_cache(cache_path, digest)
+    rel = [f.relative_to(folder).as_posix() for f in files]
+    stats = [f.stat() for f in files]
+    keys = [(s.st_size, s.st_mtime_ns) for s in stats]
+    todo = [i for i, (r, k) in enumerate(zip(rel, keys)) if cached.get(r, (None, None))[:2] != k]
+    embeddings = np.empty((len(files), embedder.embedding_dim), np.float32)
+    fresh = set(todo)
+    for i, r in enumerate(rel):
+        if i not in fresh:
+            embeddings[i] = cached[r][2]
+    if todo:
+        log(f"embedding {len(todo)} of {len(files)} gallery images ({len(files) - len(todo)} cached)")
+        embeddings[todo] = embedder.embed([files[i] for i in todo], batch_size)
+    if todo or len(cached) != len(files):
+        try:
+            with atomic_path(cache_path) as tmp, open(tmp, "wb") as f:
+                np.savez(f, model=np.array(digest), paths=np.array(rel), embeddings=embeddings,
+                         sizes=np.array([k[0] for k in keys], np.int64),
+                         mtimes=np.array([k[1] for k in keys], np.int64))
+        except OSError as e:
+            log(f"note: could not write the gallery cache {cache_path} ({e}); continuing without it")
+    return files, embeddings
+
+
+def nearest(queries, gallery, k=5):
+    """Top-k gallery rows per query by cosine similarity (ties: lower index); (indices, sims)."""
+    sims = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, axis=1)

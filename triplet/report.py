@@ -1,0 +1,225 @@
+"""results/REPORT.md: every evaluated run beside the numbers the study published for it.
+
+The report is rebuilt from the run folders alone (metrics.json, config.json, the figures), so it
+can never drift from the results: a summary table ranked by test Precision@1, then one section
+per run with the study's metrics side by side, our extra retrieval metrics, links to the figures
+and the exact commands that made the run. A folder named ``exp{1-6}-{backbone}`` is matched to
+the study's table for that experiment and backbone (``triplet.study``); any other name is ours.
+"""
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import quote
+
+from triplet import study
+from triplet.fileio import UserError, read_json, write_text
+
+# (metrics key, label, decimals); the first seven are the study's Tables I-XX.
+ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
+        ("cos_sim_ap", "Cosine similarity anchor-positive", 4), ("cos_sim_an", "Cosine similarity anchor-negative", 4),
+        ("precision_at_1", "Precision@1, %", 2), ("precision_at_5", "Precision@5, %", 2),
+        ("precision_at_10", "Precision@10, %", 2), ("recall_at_1", "Recall@1, %", 2), ("recall_at_2", "Recall@2, %", 2),
+        ("recall_at_4", "Recall@4, %", 2), ("recall_at_8", "Recall@8, %", 2), ("map_at_r", "MAP@R, %", 2),
+        ("r_precision", "R-Precision, %", 2), ("nmi", "NMI, %", 2)]
+FIGURES = [("curves.png", "training curves"), ("tsne.png", "t-SNE map"), ("pca.png", "PCA map"),
+           ("retrieval.png", "retrieval examples")]
+BENCHMARKS = [("onnx_benchmark.md", "ONNX inference benchmark"), ("train_benchmark.md", "Training-step benchmark")]
+# Train options that decide where or how fast a run goes, not its numbers: left out of the command.
+RUNTIME = {"out", "resume", "force", "progress", "workers", "eval_batch_size", "device", "precision", "compile"}
+DASH = "—"
+
+NOTES = f"""\
+Each run is compared with the numbers published in {study.SOURCE}. How to read the comparison:
+
+- The study's "Top-1 Accuracy" is the **triplet accuracy**: the share of test triplets (anchor,
+  positive, negative) whose positive lies nearer the anchor than the negative. It is not a
+  classification accuracy. Ours is measured on one fixed, seeded triplet per test image.
+- The study computed its Precision@1/5/10 with its own retrieval protocol, which it does not fully
+  describe; ours ranks every other test image by cosine similarity, the query itself excluded.
+  The study's test triplets are not published either, so **comparisons are indicative**, not exact.
+- The loss depends on the margin: compare losses only between runs with the same margin.
+- Recall@K, MAP@R, R-Precision (Musgrave et al., 2020) and NMI are ours; the study has none.
+"""
+
+
+def fmt(value, decimals):
+    return DASH if value is None else f"{value:.{decimals}f}"
+
+
+def natural_key(name):
+    """``exp2`` before ``exp10``: digits compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def load_runs(results_dir, log=print):
+    """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped."""
+    runs = []
+    for metrics_path in sorted(Path(results_dir).glob("*/metrics.json")):
+        run_dir = metrics_path.parent
+        try:
+            metrics = read_json(metrics_path)
+            config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+        except UserError as e:
+            log(f"warning: skipping {run_dir}: {e}")
+            continue
+        untrained = run_dir / "metrics_untrained.json"
+        runs.append({"name": run_dir.name, "dir": run_dir, "metrics": metrics,
+                     "options": config.get("options", {}), "environment": config.get("environment", {}),
+                     "baseline": metrics.get("checkpoint") == "none",
+                     "untrained": read_json(untrained) if untrained.exists() else None})
+    return runs
+
+
+def train_command(run_dir, options):
+    """The ``scripts/train.py`` line that reproduces a run, rebuilt from its config.json."""
+    args = []
+    for key, value in options.items():
+        if key in RUNTIME or value is None or value is False:
+            continue
+        args.append(f"--{key.replace('_', '-')}")
+        if value is not True:
+            args.append(shlex.quote(str(value)))
+    return " ".join(["python scripts/train.py", *args, "--out", shlex.quote(str(run_dir))])
+
+
+def evaluate_command(run_dir, metrics, options):
+    """The ``scripts/evaluate.py`` line that produced metrics.json."""
+    args = ["python scripts/evaluate.py", "--run", shlex.quote(str(run_dir))]
+    checkpoint = str(metrics.get("checkpoint", ""))
+    if checkpoint == "none":
+        args += ["--checkpoint", "none", "--backbone", metrics.get("backbone", options.get("backbone", "resnet18")),
+                 "--weights", shlex.quote(str(options.get("weights", "imagenet")))]
+        if options.get("data_dir"):
+            args += ["--data-dir", shlex.quote(str(options["data_dir"]))]
+        args += ["--split", str(metrics.get("split", "official")), "--image-size", str(metrics.get("image_size", 224))]
+        if metrics.get("embedding_dim", 128) != 128:
+            args += ["--embedding-dim", str(metrics["embedding_dim"])]
+    elif checkpoint.endswith("checkpoint_last.pt"):
+        args += ["--checkpoint", "last"]
+    elif checkpoint and not checkpoint.endswith("checkpoint_best.pt"):
+        args += ["--checkpoint", shlex.quote(checkpoint)]
+    if metrics.get("seed", 0) != 0:
+        args += ["--seed", str(metrics["seed"])]
+    return " ".join(args)
+
+
+def untrained_metrics(run, by_name):
+    """The untrained trunk's metrics for ``run``: its own metrics_untrained.json, else baseline-{backbone}."""
+    if run["untrained"]:
+        return run["untrained"]
+    baseline = by_name.get(f"baseline-{run['metrics'].get('backbone')}")
+    return baseline["metrics"] if baseline and baseline is not run else None
+
+
+def summary(runs):
+    """All runs ranked by test Precision@1; the best trained run is marked."""
+    ranked = sorted(runs, key=lambda r: -r["metrics"].get("precision_at_1", float("-inf")))
+    trained = [r for r in ranked if not r["baseline"]]
+    best = trained[0] if trained else None
+    lines = ["| Rank | Run | Backbone | Epochs | LR | Batch | Mining | Test P@1 | P@5 | P@10 | MAP@R | "
+             "Triplet acc. | Study P@1 |", "|" + "---|" * 13]
+    for rank, run in enumerate(ranked, 1):
+        m, o, key = run["metrics"], run["options"], study.study_key(run["name"])
+        p1 = fmt(m.get("precision_at_1"), 2)
+        mark = " **best**" if run is best else ""
+        epochs = "0 (untrained)" if run["baseline"] else o.get("epochs", DASH)
+        cells = [f"{rank}{mark}", f"[{run['name']}](#{anchor(run['name'])})", m.get("backbone", DASH), epochs,
+                 DASH if run["baseline"] else o.get("lr", DASH), DASH if run["baseline"] else o.get("batch_size", DASH),
+                 DASH if run["baseline"] else o.get("mining", DASH), f"**{p1}**" if mark else p1,
+                 fmt(m.get("precision_at_5"), 2), fmt(m.get("precision_at_10"), 2), fmt(m.get("map_at_r"), 2),
+                 fmt(m.get("triplet_accuracy"), 2), fmt(study.STUDY[key]["precision_at_1"], 2) if key else DASH]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def anchor(name):
+    """GitHub's heading anchor for a ``## name`` heading."""
+    return re.sub(r"[^\w\- ]", "", name.lower()).replace(" ", "-")
+
+
+def describe(run):
+    m, o, env = run["metrics"], run["options"], run["environment"]
+    if run["baseline"]:
+        text = f"untrained {m.get('backbone', '?')} trunk (weights {o.get('weights', 'imagenet')}), no training"
+    else:
+        text = (f"{m.get('backbone', o.get('backbone', '?'))} (weights {o.get('weights', '?')}), {o.get('epochs', '?')} "
+                f"epochs, lr {o.get('lr', '?')}, batch {o.get('batch_size', '?')}, mining {o.get('mining', '?')}, "
+                f"margin {o.get('margin', '?')}, scheduler {o.get('scheduler', 'none')}; checkpoint of epoch "
+                f"{m.get('epoch', '?')}")
+    text += (f"; embedding {m.get('embedding_dim', '?')}-d, image size {m.get('image_size', '?')}; tested on "
+             f"{m.get('num_images', '?')} images of {m.get('num_classes', '?')} classes ({m.get('split', '?')} split).")
+    if env:
+        commit = (env.get("git_commit") or "unknown")[:10]
+        text += (f" Ran on {env.get('device', '?')} ({env.get('precision', '?')}, world size "
+                 f"{env.get('world_size', 1)}), torch {env.get('torch', '?')}, commit {commit}.")
+    return text
+
+
+def run_section(run, by_name, results_dir):
+    m, key = run["metrics"], study.study_key(run["name"])
+    published = study.STUDY.get(key, {})
+    untrained = untrained_metrics(run, by_name)
+    lines = [f"## {run['name']}", ""]
+    if key:
+        hp = study.EXPERIMENTS[key[0]]
+        lines += [f"Study: experiment {key[0][3:]} with {key[1].replace('resnet', 'ResNet')} (Tables "
+                  f"{published['tables']}): {hp['epochs']} epochs, lr {hp['lr']}, batch {hp['batch_size']}.", ""]
+    lines += [f"This run: {describe(run)}", ""]
+    header = ["Metric", "This run", "Study"] + (["Δ (run − study)"] if key else []) + \
+        (["Untrained trunk"] if untrained else [])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, label, decimals in ROWS:
+        ours, theirs = m.get(name), published.get(name)
+        delta = DASH if ours is None or theirs is None else f"{ours - theirs:+.{decimals}f}"
+        cells = [label, fmt(ours, decimals), fmt(theirs, decimals)] + ([delta] if key else [])
+        if untrained:
+            cells.append(fmt(untrained.get(name), decimals))
+        lines.append("| " + " | ".join(cells) + " |")
+    figures = [f"[{label}]({quote(run['name'] + '/' + file)})" for file, label in FIGURES
+               if (run["dir"] / file).exists()]
+    lines += ["", "Figures: " + (" · ".join(figures) if figures else f"none yet (`python scripts/plot_embeddings.py "
+                                                                       f"--run {shlex.quote(str(run['dir']))}`)")]
+    run_dir = Path(results_dir) / run["name"]
+    commands = [] if run["baseline"] or not run["options"] else [train_command(run_dir, run["options"])]
+    commands.append(evaluate_command(run_dir, m, run["options"]))
+    if (run["dir"] / "tsne.png").exists() or (run["dir"] / "pca.png").exists():
+        commands.append(f"python scripts/plot_embeddings.py --run {shlex.quote(str(run_dir))}")
+    lines += ["", "Commands:", "", "```bash", *commands, "```"]
+    return "\n".join(lines)
+
+
+def include(path):
+    """A benchmark's markdown, its headings pushed two levels down so they nest under ours."""
+    lines, fenced = [], False
+    for line in Path(path).read_text().splitlines():
+        fenced ^= line.lstrip().startswith("```")
+        lines.append("##" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(lines).strip()
+
+
+def build_report(results_dir, log=print):
+    """The text of REPORT.md for every evaluated run under ``results_dir``."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise UserError(f"--results {results_dir}: folder not found")
+    runs = load_runs(results_dir, log)
+    if not runs:
+        raise UserError(f"--results {results_dir}: no evaluated runs (no */metrics.json); run "
+                        f"python scripts/evaluate.py --run RUN_DIR first")
+    by_name = {run["name"]: run for run in runs}
+    parts = ["# Results", "", NOTES, "## Summary", "",
+             "All runs, best test Precision@1 first (the best trained run is marked; an untrained trunk "
+             "shows what training adds).", "", summary(runs)]
+    for run in sorted(runs, key=lambda r: (r["baseline"], natural_key(r["name"]))):
+        parts += ["", run_section(run, by_name, results_dir)]
+    for file, title in BENCHMARKS:
+        if (results_dir / file).exists():
+            parts += ["", f"## {title}", "", f"From [{file}]({file}).", "", include(results_dir / file)]
+    return "\n".join(parts) + "\n", len(runs)
+
+
+def write_report(results_dir, log=print):
+    text, count = build_report(results_dir, log)
+    path = Path(results_dir) / "REPORT.md"
+    write_text(path, text)
+    return path, count
