@@ -76,6 +76,8 @@ def main(opts):
     device = engine.resolve_device(opts.device)
     precision = engine.resolve_precision(opts.precision, device)
     workers = engine.default_workers(device) if opts.workers < 0 else opts.workers
+    if not (run_dir / "config.json").exists():  # a new baseline folder: record how it was made
+        runs.write_config(run_dir, {"options": options, "environment": runs.environment(device, precision)})
     paths, labels = read_manifest(prepared_dir(data), "test")
     dataset = ImageDataset(paths, labels, EvalTransform(options["image_size"]))
     model.to(device, memory_format=torch.channels_last)

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
 from triplet.fileio import UserError, atomic_path, read_csv, read_json
+from triplet.runs import require_run_dir
 
 DPI = 100
 SAME, OTHER = "#1a9850", "#d73027"  # frame colours: neighbour of the query's class / of another
@@ -140,7 +141,7 @@ def plot_retrieval(embeddings, labels, paths, names, path, title, queries=6, k=5
     q = choose_queries(labels, queries, seed)
     order, sims = nearest(embeddings, q, k)
     fig = Figure(figsize=(1.75 * (k + 1), 1.95 * len(q)))
-    axes = np.atleast_2d(fig.subplots(len(q), k + 1, squeeze=False))
+    axes = fig.subplots(len(q), k + 1, squeeze=False)
     missing = 0
     for row, query in enumerate(q):
         cells = [(query, None)] + list(zip(order[row], sims[row]))
@@ -200,8 +201,9 @@ def plot_curves(rows, path, title):
     p1 = np.array(col["val_precision_at_1"])
     ax_p1.plot(epochs, p1, color="C3", **style)
     ax_p1.set_title("validation Precision@1 (%)")
-    if np.isfinite(p1).any():  # the epoch checkpoint_best.pt holds
-        best = int(np.nanargmax(p1))
+    trained = np.where(np.array(epochs) > 0, p1, np.nan)  # epoch 0 is the untrained reference
+    if np.isfinite(trained).any():  # the epoch checkpoint_best.pt holds: the first maximum
+        best = int(np.nanargmax(trained))
         ax_p1.plot(epochs[best], p1[best], "*", color="black", markersize=12, zorder=3,
                    label=f"best {p1[best]:.2f} (epoch {epochs[best]})")
         ax_p1.legend(frameon=False, loc="best")
@@ -229,31 +231,25 @@ def describe(run_name, options):
 def plot_run(run_dir, method="tsne", max_points=0, seed=0, highlight=12, queries=6, log=print):
     """Write RUN_DIR/{tsne|pca}.png, retrieval.png and (when there is a history) curves.png."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():  # runs.require_run_dir would import torch for this one test
-        raise UserError(f"--run {run_dir}: run folder not found; train one with scripts/train.py "
-                        f"--out {run_dir} and evaluate it with scripts/evaluate.py --run {run_dir}")
+    require_run_dir(run_dir, needs=None)
     embeddings, labels, paths = load_embeddings(run_dir)
     name, names = run_dir.resolve().name, class_names(labels, paths)
     config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
     metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
     p1 = f", test P@1 {metrics['precision_at_1']:.1f}%" if "precision_at_1" in metrics else ""
-    written = []
-
     keep = np.arange(len(labels))
     if max_points and len(keep) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(keep), max_points, replace=False))
     log(f"{method} of {len(keep)} test embeddings ({len(np.unique(labels))} classes)")
     xy = project(embeddings[keep], method, seed)
     title = f"{name}: {'t-SNE' if method == 'tsne' else 'PCA'} of {len(keep)} test embeddings{p1}"
-    written.append(plot_projection(xy, labels[keep], names, run_dir / f"{method}.png", title, highlight, seed, method))
-
-    retrieval, missing = plot_retrieval(embeddings, labels, paths, names, run_dir / "retrieval.png",
-                                        f"{name}: top-5 test neighbours by cosine similarity "
-                                        f"(green: same class, red: another){p1}", queries, 5, seed)
+    written = [plot_projection(xy, labels[keep], names, run_dir / f"{method}.png", title, highlight, seed, method)]
+    title = f"{name}: top-5 test neighbours by cosine similarity (green: same class, red: another){p1}"
+    retrieval, missing = plot_retrieval(embeddings, labels, paths, names, run_dir / "retrieval.png", title,
+                                        queries, 5, seed)
     written.append(retrieval)
     if missing:
         log(f"warning: {missing} images in retrieval.png not found (prepared data moved?); drawn as placeholders")
-
     history = run_dir / "history.csv"
     rows = read_csv(history) if history.exists() else []
     if rows:

@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 from triplet import study
 from triplet.fileio import UserError, read_json, write_text
+from triplet.runs import find_runs
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.
 ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
@@ -54,19 +55,17 @@ def natural_key(name):
 def load_runs(results_dir, log=print):
     """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped."""
     runs = []
-    for metrics_path in sorted(Path(results_dir).glob("*/metrics.json")):
-        run_dir = metrics_path.parent
+    for run_dir, metrics in sorted(find_runs(results_dir, log), key=lambda r: r[0]):
         try:
-            metrics = read_json(metrics_path)
             config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+            untrained = run_dir / "metrics_untrained.json"
+            untrained = read_json(untrained) if untrained.exists() else None
         except UserError as e:
             log(f"warning: skipping {run_dir}: {e}")
             continue
-        untrained = run_dir / "metrics_untrained.json"
         runs.append({"name": run_dir.name, "dir": run_dir, "metrics": metrics,
                      "options": config.get("options", {}), "environment": config.get("environment", {}),
-                     "baseline": metrics.get("checkpoint") == "none",
-                     "untrained": read_json(untrained) if untrained.exists() else None})
+                     "baseline": metrics.get("checkpoint") == "none", "untrained": untrained})
     return runs
 
 
@@ -104,11 +103,17 @@ def evaluate_command(run_dir, metrics, options):
 
 
 def untrained_metrics(run, by_name):
-    """The untrained trunk's metrics for ``run``: its own metrics_untrained.json, else baseline-{backbone}."""
+    """The untrained trunk's metrics for ``run``: its own metrics_untrained.json, else those of a
+    baseline-{backbone} folder tested on the same images at the same size (a demo run on synthetic
+    data must not be compared with a CUB baseline)."""
     if run["untrained"]:
         return run["untrained"]
-    baseline = by_name.get(f"baseline-{run['metrics'].get('backbone')}")
-    return baseline["metrics"] if baseline and baseline is not run else None
+    m = run["metrics"]
+    baseline = by_name.get(f"baseline-{m.get('backbone')}")
+    if not baseline or baseline is run:
+        return None
+    same_test = all(baseline["metrics"].get(k) == m.get(k) for k in ("split", "num_images", "num_classes", "image_size"))
+    return baseline["metrics"] if same_test else None
 
 
 def summary(runs):
@@ -116,8 +121,8 @@ def summary(runs):
     ranked = sorted(runs, key=lambda r: -r["metrics"].get("precision_at_1", float("-inf")))
     trained = [r for r in ranked if not r["baseline"]]
     best = trained[0] if trained else None
-    lines = ["| Rank | Run | Backbone | Epochs | LR | Batch | Mining | Test P@1 | P@5 | P@10 | MAP@R | "
-             "Triplet acc. | Study P@1 |", "|" + "---|" * 13]
+    lines = ["| Rank | Run | Backbone | Epochs | LR | Batch | Mining | Test images | Test P@1 | P@5 | P@10 | "
+             "MAP@R | Triplet acc. | Study P@1 |", "|" + "---|" * 14]
     for rank, run in enumerate(ranked, 1):
         m, o, key = run["metrics"], run["options"], study.study_key(run["name"])
         p1 = fmt(m.get("precision_at_1"), 2)
@@ -125,7 +130,8 @@ def summary(runs):
         epochs = "0 (untrained)" if run["baseline"] else o.get("epochs", DASH)
         cells = [f"{rank}{mark}", f"[{run['name']}](#{anchor(run['name'])})", m.get("backbone", DASH), epochs,
                  DASH if run["baseline"] else o.get("lr", DASH), DASH if run["baseline"] else o.get("batch_size", DASH),
-                 DASH if run["baseline"] else o.get("mining", DASH), f"**{p1}**" if mark else p1,
+                 DASH if run["baseline"] else o.get("mining", DASH), m.get("num_images", DASH),
+                 f"**{p1}**" if mark else p1,
                  fmt(m.get("precision_at_5"), 2), fmt(m.get("precision_at_10"), 2), fmt(m.get("map_at_r"), 2),
                  fmt(m.get("triplet_accuracy"), 2), fmt(study.STUDY[key]["precision_at_1"], 2) if key else DASH]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -155,7 +161,7 @@ def describe(run):
     return text
 
 
-def run_section(run, by_name, results_dir):
+def run_section(run, by_name):
     m, key = run["metrics"], study.study_key(run["name"])
     published = study.STUDY.get(key, {})
     untrained = untrained_metrics(run, by_name)
@@ -175,15 +181,14 @@ def run_section(run, by_name, results_dir):
         if untrained:
             cells.append(fmt(untrained.get(name), decimals))
         lines.append("| " + " | ".join(cells) + " |")
-    figures = [f"[{label}]({quote(run['name'] + '/' + file)})" for file, label in FIGURES
-               if (run["dir"] / file).exists()]
-    lines += ["", "Figures: " + (" · ".join(figures) if figures else f"none yet (`python scripts/plot_embeddings.py "
-                                                                       f"--run {shlex.quote(str(run['dir']))}`)")]
-    run_dir = Path(results_dir) / run["name"]
+    run_dir = run["dir"]  # results_dir/name, spelled as the user gave results_dir
+    figures = [f"[{label}]({quote(run['name'] + '/' + file)})" for file, label in FIGURES if (run_dir / file).exists()]
+    plot = f"python scripts/plot_embeddings.py --run {shlex.quote(str(run_dir))}"
+    lines += ["", "Figures: " + (" · ".join(figures) if figures else f"none yet (`{plot}`)")]
     commands = [] if run["baseline"] or not run["options"] else [train_command(run_dir, run["options"])]
     commands.append(evaluate_command(run_dir, m, run["options"]))
-    if (run["dir"] / "tsne.png").exists() or (run["dir"] / "pca.png").exists():
-        commands.append(f"python scripts/plot_embeddings.py --run {shlex.quote(str(run_dir))}")
+    if (run_dir / "tsne.png").exists() or (run_dir / "pca.png").exists():
+        commands.append(plot)
     lines += ["", "Commands:", "", "```bash", *commands, "```"]
     return "\n".join(lines)
 
@@ -211,7 +216,7 @@ def build_report(results_dir, log=print):
              "All runs, best test Precision@1 first (the best trained run is marked; an untrained trunk "
              "shows what training adds).", "", summary(runs)]
     for run in sorted(runs, key=lambda r: (r["baseline"], natural_key(r["name"]))):
-        parts += ["", run_section(run, by_name, results_dir)]
+        parts += ["", run_section(run, by_name)]
     for file, title in BENCHMARKS:
         if (results_dir / file).exists():
             parts += ["", f"## {title}", "", f"From [{file}]({file}).", "", include(results_dir / file)]

@@ -8,9 +8,6 @@ import platform
 import subprocess
 from pathlib import Path
 
-import torch
-import torchvision
-
 from triplet.fileio import UserError, read_json, write_csv, write_json
 
 HISTORY_FIELDS = ["epoch", "train_loss", "active_triplets", "val_loss", "val_triplet_accuracy",
@@ -18,7 +15,8 @@ HISTORY_FIELDS = ["epoch", "train_loss", "active_triplets", "val_loss", "val_tri
 # Options that may differ between the first run and a resumed one without changing the result.
 RESUMABLE = {"resume", "force", "workers", "device", "progress", "epochs", "eval_batch_size", "gpu_cache", "compile"}
 RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.json",
-             "test_embeddings.npz", "curves.png", "tsne.png", "retrieval.png"]
+             "metrics_untrained.json", "test_embeddings.npz", "test_embeddings_untrained.npz", "curves.png",
+             "tsne.png", "pca.png", "retrieval.png"]
 
 
 def git_commit():
@@ -31,6 +29,9 @@ def git_commit():
 
 
 def environment(device, precision, world_size=1):
+    import torch  # here, not at the top: plots and reports read run folders without torch
+    import torchvision
+
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
@@ -87,10 +88,12 @@ def require_run_dir(run_dir, needs="checkpoint_best.pt"):
     return run_dir
 
 
-def find_runs(results_dir="results"):
-    """Every run folder under ``results_dir`` that has metrics.json, best test Precision@1 first."""
+def find_runs(results_dir="results", log=print):
+    """Every run folder under ``results_dir`` with a readable metrics.json, best test Precision@1 first."""
     runs = []
     for metrics_path in sorted(Path(results_dir).glob("*/metrics.json")):
-        metrics = read_json(metrics_path)
-        runs.append((metrics_path.parent, metrics))
+        try:
+            runs.append((metrics_path.parent, read_json(metrics_path)))
+        except UserError as e:
+            log(f"warning: skipping {metrics_path.parent}: {e}")
     return sorted(runs, key=lambda r: -r[1].get("precision_at_1", float("-inf")))

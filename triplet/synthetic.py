@@ -5,7 +5,6 @@ rotation, scale, position, background, distractor blobs, brightness and pixel no
 ``pack_archive`` turns the folder into a deterministic ``CUB_200_2011.tgz`` look-alike.
 """
 import gzip
-import hashlib
 import os
 import shutil
 import stat
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from triplet.cub import md5sum
 from triplet.fileio import UserError, atomic_path
 
 ROOT = "CUB_200_2011"
@@ -240,15 +240,6 @@ def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0
         shutil.rmtree(tmp_root, ignore_errors=True)
         raise
     return target
-
-
-def md5sum(path, chunk_size=1 << 20):
-    """Hex MD5 of a file, read in chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _tarinfo(name, path):

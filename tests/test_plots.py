@@ -1,0 +1,84 @@
+"""plot_embeddings.py and triplet.plots: the three figures, the PCA path, the one-line errors."""
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_script
+from triplet import plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A private copy of the shared tiny run, without its (large, unused) checkpoints."""
+    target = tmp_path / "tiny-resnet18"
+    shutil.copytree(tiny_run, target, ignore=shutil.ignore_patterns("*.pt"))
+    return target
+
+
+def assert_png(path, min_bytes=5_000):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert path.stat().st_size > min_bytes, f"{path.name} is suspiciously small"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        width, height = image.size
+    assert 300 < width < 2500 and 200 < height < 2500, (path.name, image.size)
+
+
+def test_script_writes_all_three_figures(run_copy):
+    result = run_script("plot_embeddings", "--run", run_copy)
+    for name in ("tsne.png", "retrieval.png", "curves.png"):
+        assert_png(run_copy / name)
+        assert f"wrote {run_copy / name}" in result.stdout
+    assert not list(run_copy.glob(".*.tmp*")), "atomic writes left a temporary file behind"
+
+
+def test_pca_subsample_and_no_history(run_copy):
+    (run_copy / "history.csv").unlink()  # what an untrained baseline folder looks like
+    messages = []
+    written = plots.plot_run(run_copy, method="pca", max_points=20, seed=1, log=messages.append)
+    assert [p.name for p in written] == ["pca.png", "retrieval.png"]
+    assert_png(run_copy / "pca.png")
+    assert not (run_copy / "tsne.png").exists() and not (run_copy / "curves.png").exists()
+    assert any(m.startswith("pca of 20 test embeddings") for m in messages)
+    assert any("skipping curves.png" in m for m in messages)
+
+
+def test_missing_embeddings_is_a_one_line_error(run_copy, tmp_path):
+    (run_copy / "test_embeddings.npz").unlink()
+    result = run_script("plot_embeddings", "--run", run_copy, check=False)
+    assert result.returncode == 2
+    assert "test_embeddings.npz" in result.stderr and "evaluate.py" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_script("plot_embeddings", "--run", tmp_path / "nowhere", check=False)
+    assert result.returncode == 2 and "run folder not found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_nearest_excludes_the_query_and_matches_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 8)).astype(np.float32)
+    queries = np.array([0, 7, 29])
+    order, sims = plots.nearest(x, queries, 5)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for row, q in enumerate(queries):
+        expected = sorted((j for j in range(30) if j != q), key=lambda j: -float(unit[q] @ unit[j]))[:5]
+        assert order[row].tolist() == expected
+        np.testing.assert_allclose(sims[row], [unit[q] @ unit[j] for j in expected], rtol=1e-5)
+
+
+def test_queries_are_seeded_and_from_distinct_classes():
+    labels = np.repeat(np.arange(10), 3)
+    first = plots.choose_queries(labels, 6, seed=3)
+    assert first.tolist() == plots.choose_queries(labels, 6, seed=3).tolist()
+    assert len(set(labels[first].tolist())) == 6
+
+
+def test_class_names_come_from_the_class_folder():
+    paths = ["/d/images/001.Black_footed_Albatross/a.jpg", "/d/images/002.Laysan_Albatross/b.jpg", ""]
+    names = plots.class_names(np.array([1, 2, 3]), paths)
+    assert names == {1: "Black footed Albatross", 2: "Laysan Albatross", 3: "class 3"}

@@ -1,0 +1,94 @@
+"""report.py and triplet.report / triplet.study: REPORT.md beside the study's published numbers."""
+import dataclasses
+import importlib.util
+import json
+import shlex
+import shutil
+
+import pytest
+
+from conftest import ROOT, run_script
+from triplet import report, study
+from triplet.cli import parse
+
+
+@pytest.fixture
+def results(tiny_run, tmp_path):
+    """A results folder: the tiny run as exp1-resnet18, and a fake untrained baseline-resnet18."""
+    results = tmp_path / "results"
+    shutil.copytree(tiny_run, results / "exp1-resnet18", ignore=shutil.ignore_patterns("*.pt", "*.png"))
+    metrics = json.loads((results / "exp1-resnet18" / "metrics.json").read_text())
+    baseline = results / "baseline-resnet18"
+    baseline.mkdir()
+    metrics.update(checkpoint="none", epoch=0, precision_at_1=0.5, map_at_r=0.25)
+    (baseline / "metrics.json").write_text(json.dumps(metrics))
+    (baseline / "config.json").write_text(json.dumps({"options": {"backbone": "resnet18", "weights": "imagenet",
+                                                                  "data_dir": "data"}}))
+    return results
+
+
+def test_report_compares_with_the_study(results):
+    (results / "exp1-resnet18" / "curves.png").write_bytes(b"png")
+    (results / "onnx_benchmark.md").write_text("# ONNX benchmark\n\n| model | ms |\n|---|---|\n| fp32 | 1.0 |\n")
+    result = run_script("report", "--results", results)
+    text = (results / "REPORT.md").read_text()
+    assert "wrote" in result.stdout and "(2 runs)" in result.stdout
+    for published in ("33.74", "79.60", "0.5020", "0.6735", "0.0359", "33.83", "32.55"):
+        assert published in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "[" in line]
+    assert "[exp1-resnet18]" in rows[0] and "**best**" in rows[0]
+    assert "[baseline-resnet18]" in rows[1] and "0 (untrained)" in rows[1] and "**best**" not in rows[1]
+    assert "](exp1-resnet18/curves.png)" in text and "tsne.png)" not in text  # only figures that exist
+    assert "python scripts/train.py " in text and "--checkpoint none --backbone resnet18" in text
+    assert "triplet accuracy" in text and "indicative" in text
+    assert "## ONNX inference benchmark" in text and "### ONNX benchmark" in text
+    assert "Untrained trunk" in text  # the baseline column beside exp1-resnet18
+
+
+def test_baseline_on_other_test_images_is_not_compared(results):
+    metrics_path = results / "baseline-resnet18" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["num_images"] = 5794  # CUB's test split, unlike the synthetic run beside it
+    metrics_path.write_text(json.dumps(metrics))
+    text, count = report.build_report(results)
+    assert count == 2 and "Untrained trunk" not in text and "[baseline-resnet18]" in text
+
+
+def test_runs_outside_the_study_show_a_dash(results):
+    shutil.move(results / "exp1-resnet18", results / "exp5-resnet34")  # the study ran exp5 on ResNet18 only
+    text, _ = report.build_report(results)
+    row = next(line for line in text.splitlines() if line.startswith("| 1 ") and "exp5-resnet34" in line)
+    assert row.rstrip(" |").endswith("—")
+    assert "Δ (run − study)" not in text
+
+
+def test_empty_results_folder_is_a_one_line_error(tmp_path):
+    result = run_script("report", "--results", tmp_path, check=False)
+    assert result.returncode == 2 and "no evaluated runs" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_command_rebuilds_the_run_options(tiny_run):
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    options = json.loads((tiny_run / "config.json").read_text())["options"]
+    command = report.train_command(tiny_run, options)
+    parsed, _ = parse(train.Options, shlex.split(command)[2:])
+    rebuilt = dataclasses.asdict(parsed)
+    for key, value in options.items():
+        if key not in report.RUNTIME:
+            assert rebuilt[key] == value, key
+
+
+def test_study_values_match_the_paper():
+    assert len(study.STUDY) == 10
+    assert study.STUDY[("exp6", "resnet18")]["precision_at_1"] == 46.91
+    assert study.STUDY[("exp4", "resnet34")]["loss"] == 0.6131
+    assert study.STUDY[("exp3", "resnet18")]["cos_sim_an"] == -0.0004
+    assert study.STUDY[("exp2", "resnet34")]["precision_at_10"] == 29.42
+    assert study.STUDY[("exp5", "resnet18")]["triplet_accuracy"] == 83.53
+    assert study.study_key("exp1-resnet18") == ("exp1", "resnet18")
+    assert study.study_key("exp5-resnet34") is None and study.study_key("exp7-resnet18") is None
+    assert study.study_key("baseline-resnet18") is None
+    assert {k[0] for k in study.STUDY} == set(study.EXPERIMENTS)
