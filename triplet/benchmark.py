@@ -1,9 +1,10 @@
 """Benchmark plumbing: fresh processes per measurement, step timing, peaks, FLOP accounting.
 
 Each measurement runs in its own process (``in_fresh_process``), so one path's memory peak,
-allocator caches and thread pools never leak into the next. The processes are forked from a
-forkserver that has imported the script once: starting one costs milliseconds, not a torch
-import, and the server has never touched CUDA or a thread pool, so forking it is safe.
+allocator caches and thread pools never leak into the next. On Linux the process is forked:
+it starts in milliseconds rather than re-importing torch, and it is safe as long as the
+parent itself never runs a torch operation or touches CUDA (the benchmark's parent only
+writes images and orchestrates; even the device is resolved in a child). Elsewhere: spawn.
 """
 import multiprocessing
 import sys
@@ -28,15 +29,11 @@ def train_gflop_per_triplet(backbone, image_size):
     return 3 * 3 * forward_gflop(backbone, image_size)
 
 
-def _context():
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["__main__"])
-        return context
-    return multiprocessing.get_context("spawn")
 
 
-def _child(connection, function, kwargs):
+def _child(connection, start_method, function, kwargs):
+    # DataLoader workers start as in a plain run: the platform's default method.
+    multiprocessing.set_start_method(start_method, force=True)
     try:
         connection.send(("ok", function(**kwargs)))
     except UserError as e:  # the parent re-raises both
@@ -49,9 +46,9 @@ def _child(connection, function, kwargs):
 
 def in_fresh_process(function, **kwargs):
     """Return ``function(**kwargs)`` computed in a new process; its result must pickle."""
-    context = _context()
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(send, function, kwargs), name=function.__name__)
+    process = context.Process(target=_child, args=(send, multiprocessing.get_start_method(), function, kwargs), name=function.__name__)
     process.start()
     send.close()
     try:
@@ -139,22 +136,30 @@ def memory_report(device):
     return report
 
 
-def matmul_peak_gflops(device, dtype, size=None, repeats=5):
+def matmul_peak_gflops(device, dtype, max_size=None, repeats=5):
     """Best-of-``repeats`` FLOP/s of a large square matmul: the machine's practical peak.
+
+    The size doubles from 256 until one product takes 0.1 s or reaches ``max_size`` (2048 on a
+    CPU, 8192 on a GPU), so a dtype the hardware only emulates cannot take minutes.
 
     On CUDA the fp32 matmul may use TF32 exactly when cuDNN's fp32 convolutions do (their
     default), so the fp32 peak is the one the fp32 training path can reach.
     """
     if device.type == "cuda" and dtype == torch.float32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
-    n = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    synchronize(device)
-    start = time.perf_counter()
-    a @ b
-    synchronize(device)
-    calls = max(1, int(0.2 / max(time.perf_counter() - start, 1e-6)))  # about 0.2 s per timing
+    max_size = max_size or (8192 if device.type == "cuda" else 2048)
+    n, elapsed = 128, 0.0
+    while elapsed < 0.1 and n < max_size:
+        n *= 2
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # the first call of a size pays for its set-up
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    calls = max(1, int(0.2 / max(elapsed, 1e-6)))  # about 0.2 s per timing
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

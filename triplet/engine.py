@@ -1,7 +1,9 @@
 """The training step, embedding and evaluation: device, precision and loaders chosen once here.
 
-On CUDA and on CPUs with AVX-512 bf16, bf16 autocast with channels_last is the default
-(``--precision auto``): 2.7x the fp32 training throughput on the 2-core development CPU.
+On CUDA and on CPUs with native bf16 (AVX-512 bf16 or AMX), bf16 autocast with channels_last
+is the default (``--precision auto``; reported at 2.7x the fp32 training throughput on a 2-core
+AVX-512-bf16 EPYC). On CPUs without it (AVX2 only), bf16 is emulated and about 2x *slower*
+than fp32, so auto keeps fp32 there.
 """
 import os
 import random

@@ -1,0 +1,56 @@
+"""scripts/benchmark_train.py end to end at a tiny size, plus its timing and FLOP helpers."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_script
+from triplet.benchmark import forward_gflop, timed_batches, train_gflop_per_triplet
+from triplet.cli import parse
+from triplet.fileio import UserError
+
+
+def test_benchmark_train_tiny(tmp_path):
+    out = tmp_path / "results" / "bench.json"
+    result = run_script("benchmark_train", "--image-size", 32, "--batch-size", 4, "--steps", 2, "--warmup", 1,
+                        "--backbones", "resnet18", "--classes", 4, "--per-class", 4, "--synthetic-size", 64,
+                        "--resize", 40, "--eval-batch-size", 4, "--workdir", tmp_path / "work", "--out", out,
+                        timeout=120, env={"OMP_NUM_THREADS": "1"})  # 2 threads crawl on a busy CPU
+    report = json.loads(out.read_text())
+    assert report["machine"]["matmul_peak_gflops"]["fp32"] > 0
+    r = report["backbones"]["resnet18"]
+    for path in ("reference", "suite"):
+        assert r[path]["triplets_per_s"] > 0
+        assert r[path]["peak_rss_mb"] > 0
+        assert r[path]["share_of_peak"] > 0
+    assert r["reference"]["precision"] == "fp32" and r["reference"]["workers"] == 2
+    assert r["ratio"] == pytest.approx(r["suite"]["triplets_per_s"] / r["reference"]["triplets_per_s"], rel=0.01)
+    assert r["embedding"]["images_per_s"] > 0 and r["embedding"]["images"] >= 2 * 4
+    table = out.with_suffix(".md").read_text()
+    assert "| resnet18 | reference |" in table and "| resnet18 | suite |" in table
+    assert f"{r['ratio']:.2f}x" in result.stdout
+    assert (tmp_path / "work" / "synthetic-4x4-64px" / "CUB_200_2011").is_dir()  # --workdir is kept
+
+
+def test_bad_out_is_a_one_line_error():
+    spec = importlib.util.spec_from_file_location("benchmark_train", ROOT / "scripts" / "benchmark_train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(UserError, match="--out"):
+        parse(script.Options, ["--out", "results/bench.txt"])
+    assert parse(script.Options, [])[0].backbones == ["resnet18", "resnet34"]
+
+
+def test_timed_batches_times_only_the_steps_after_warmup():
+    seconds, seen = [], []
+    for batch in timed_batches(range(10), warmup=2, steps=3, device=torch.device("cpu"), seconds=seconds):
+        seen.append(batch)
+    assert seen == [0, 1, 2, 3, 4]
+    assert len(seconds) == 1 and seconds[0] >= 0
+
+
+def test_flops_scale_with_pixels_and_count_nine_forwards_per_triplet():
+    assert forward_gflop("resnet18", 224) == pytest.approx(3.62)
+    assert forward_gflop("resnet34", 112) == pytest.approx(3.66 / 2)
+    assert train_gflop_per_triplet("resnet18", 224) == pytest.approx(9 * 3.62)
