@@ -118,20 +118,22 @@ bench-train: | setup
 ##@ Demo
 DEMO_DATA := $(DATA_DIR)/demo
 DEMO_RUN := $(RESULTS)/demo-resnet18
+DEMO_SPLIT := --resize 72 --val-fraction 0.25
 ## demo: the whole chain offline on a synthetic set (prepare, train, evaluate, plots, report, ONNX, inference)
 demo: | setup
-	$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) --classes 20 --per-class 24 --image-size 96
-	$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) --resize 72
-	$(PY) scripts/train.py --data-dir $(DEMO_DATA) --resize 72 --weights none --image-size 64 --epochs 6 \
-	    --lr 0.001 --batch-size 32 --mining semihard --margin 0.2 --out $(DEMO_RUN) --force
+	$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) --classes 10 --per-class 40 --image-size 96
+	$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
+	$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) --weights none --image-size 64 --epochs 20 \
+	    --lr 0.0003 --batch-size 32 --out $(DEMO_RUN) --force
 	$(PY) scripts/evaluate.py --run $(DEMO_RUN)
+	$(PY) scripts/evaluate.py --run $(DEMO_RUN) --checkpoint none
 	$(PY) scripts/plot_embeddings.py --run $(DEMO_RUN)
 	$(PY) scripts/report.py --results $(RESULTS)
-	$(PY) scripts/export_onnx.py --run $(DEMO_RUN) --out exports/demo-resnet18.onnx
-	$(PY) scripts/search.py --model exports/demo-resnet18.onnx --gallery $(DEMO_DATA)/prepared/official-r72-val0.1-seed0/images \
+	$(PY) scripts/export_onnx.py --run $(DEMO_RUN) --out exports/demo-resnet18.onnx --int8 --calibration-images 100 --max-drop 100
+	$(PY) scripts/search.py --model exports/demo-resnet18.onnx --gallery $(DEMO_DATA)/prepared/official-r72-val0.25-seed0/images \
 	    --query $(DEMO_DATA)/CUB_200_2011/images/003.*/*_0001_*.jpg --top-k 5
 	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
-	 echo "report $(RESULTS)/REPORT.md, model exports/demo-resnet18.onnx"
+	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"
 
 ## clean: remove caches (never results/ or data/)
 clean:
