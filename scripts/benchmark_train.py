@@ -40,8 +40,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from triplet import engine
-from triplet.benchmark import (GMACS_224, forward_gflop, in_fresh_process, matmul_peak_gflops,
-                               memory_report, synchronize, timed_batches, train_gflop_per_triplet)
+from triplet.benchmark import (
+    GMACS_224,
+    forward_gflop,
+    in_fresh_process,
+    matmul_peak_gflops,
+    memory_report,
+    synchronize,
+    timed_batches,
+    train_gflop_per_triplet,
+)
 from triplet.cli import check, run
 from triplet.data import ImageDataset, TripletCUBDataset, check_triplet_ready
 from triplet.fileio import write_json, write_text

@@ -20,8 +20,8 @@ from triplet import distributed as dist
 from triplet import engine, runs
 from triplet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from triplet.cli import check, run
-from triplet.fileio import UserError
 from triplet.data import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
+from triplet.fileio import UserError
 from triplet.mining import get_miner
 from triplet.model import BACKBONES, build_model
 from triplet.prepare import DataOptions, prepared_dir, read_manifest

@@ -1,12 +1,18 @@
-"""Shared fixtures: a tiny synthetic CUB (built once per session) and a script runner."""
+"""Shared fixtures: a tiny synthetic CUB (built once per session) and script runners."""
+import contextlib
+import importlib.util
+import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from triplet.cli import run
 from triplet.prepare import DataOptions, prepare
 from triplet.synthetic import make_synthetic_cub
 
@@ -21,6 +27,25 @@ def run_script(name, *args, check=True, timeout=600, env=None):
     if check and result.returncode != 0:
         raise AssertionError(f"{name} {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def call_script(name, *args):
+    """Run scripts/<name>.py in this process (importing torch once is most of a script's start-up).
+
+    Returns (exit status, what it printed to stdout and stderr).
+    """
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            run(module.main, module.Options, module.__doc__, argv=[str(a) for a in args])
+    finally:  # cli.run installs a SIGTERM handler and the benchmark sets torch's threads: undo both
+        signal.signal(signal.SIGTERM, handler)
+        torch.set_num_threads(threads)
+    return exit_info.value.code or 0, out.getvalue() + err.getvalue()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from tests.conftest import ROOT
 from triplet.checkpoint import load_checkpoint

@@ -1,43 +1,19 @@
 """ONNX export (scripts/export_onnx.py, triplet.export) and the inference benchmark, on the tiny run."""
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import shutil
-import signal
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from conftest import ROOT
+from tests.conftest import call_script
 from triplet.checkpoint import model_from_checkpoint
-from triplet.cli import run
 from triplet.export import OPSET, best_run, verify
 from triplet.fileio import UserError, read_json, write_json
 from triplet.inference import OnnxEmbedder, decode_metadata
 from triplet.prepare import DataOptions, prepared_dir, read_manifest
-
-
-def call_script(name, *args):
-    """Run scripts/<name>.py in this process (importing torch once is most of a script's start-up).
-
-    Returns (exit status, what it printed to stdout and stderr).
-    """
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    handler, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
-            run(module.main, module.Options, module.__doc__, argv=[str(a) for a in args])
-    finally:  # cli.run installs a SIGTERM handler and the benchmark sets torch's threads: undo both
-        signal.signal(signal.SIGTERM, handler)
-        torch.set_num_threads(threads)
-    return exit_info.value.code or 0, out.getvalue() + err.getvalue()
 
 
 def split_paths(run_dir, split="test"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from tests.conftest import run_script
 from triplet.checkpoint import model_from_checkpoint
 from triplet.export import export_model, run_metadata
 from triplet.fileio import UserError, read_json

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from triplet.losses import triplet_loss
-from triplet.mining import (MINER_NAMES, all_triplets, batch_hard, distance_matrix, get_miner,
-                            semihard)
+from triplet.mining import MINER_NAMES, all_triplets, batch_hard, distance_matrix, get_miner, semihard
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_script
+from tests.conftest import run_script
 from triplet import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script
 from triplet import report, study
 from triplet.cli import parse
 

@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 
 from triplet.fileio import UserError
-from triplet.synthetic import (MAX_CLASSES, class_name, class_spec, image_shape,
-                               make_synthetic_cub, md5sum, pack_archive)
+from triplet.synthetic import MAX_CLASSES, class_name, class_spec, image_shape, make_synthetic_cub, md5sum, pack_archive
 
 CLASSES, PER_CLASS, SIZE = 5, 6, 32
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, call_script, run_script
 from triplet.checkpoint import load_checkpoint, model_from_checkpoint
 from triplet.engine import NonFiniteLoss, embed, make_loader, train_one_epoch
 from triplet.fileio import UserError
-from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
+from triplet.prepare import DataOptions, prepare
 from triplet.synthetic import make_synthetic_cub
 
 METRIC_KEYS = ["loss", "triplet_accuracy", "cos_sim_ap", "cos_sim_an", "precision_at_1", "precision_at_5",
@@ -166,11 +166,18 @@ def test_a_finished_or_different_run_is_not_overwritten(tiny_run, synthetic_root
     (["--data-dir", "/nonexistent/data"], "no prepared data"),
 ])
 def test_bad_options_give_one_line_errors(synthetic_root, tmp_path, args, message):
-    result = run_script("train", *train_args(synthetic_root, tmp_path / "run", *args), check=False)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    status, output = call_script("train", *train_args(synthetic_root, tmp_path / "run", *args))
+    assert status == 2 and message in output
+    assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+def test_a_user_error_is_one_line_on_stderr_of_a_real_process(synthetic_root, tmp_path):
+    result = run_script("train", *train_args(synthetic_root, tmp_path / "run", "--lr", "-1"), check=False)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip() == "train.py: error: --lr -1.0: must be > 0"
+    debug = run_script("train", *train_args(synthetic_root, tmp_path / "run", "--lr", "-1", "--debug"), check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
 def test_non_finite_loss_names_epoch_and_step():

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from triplet.fileio import UserError, atomic_path
+from triplet.fileio import UserError
 
 CUB_ARCHIVE = "CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"

@@ -5,7 +5,6 @@ rows from the embeddings and applies ``F.triplet_margin_loss`` (Euclidean, eps=1
 gradient flows only through the chosen rows. The count of active triplets (positive loss) is
 returned as well, because a falling count is the clearest sign that mining has run dry.
 """
-import torch
 import torch.nn.functional as F
 
 
