@@ -29,21 +29,29 @@ class Options(DataOptions):
     per_class: int = field(default=60, metadata={"help": "--synthetic: images per class"})
     image_size: int = field(default=500, metadata={"help": "--synthetic: image width in pixels (height is 3/4 of it, like CUB)"})
     seed: int = field(default=0, metadata={"help": "--synthetic: random seed"})
+    digits: bool = field(default=False, metadata={
+        "help": "write scikit-learn's 1,797 real handwritten digits (10 classes) in the CUB layout instead, "
+                "at --image-size (an offline real-image set)"})
     pack: str = field(default="", metadata={
-        "help": "--synthetic: also pack the set as a .tgz at this path (like the official archive) and print its MD5"})
+        "help": "--synthetic/--digits: also pack the set as a .tgz at this path (like the official archive) and print its MD5"})
 
     def __post_init__(self):
         check(self.resize >= 8, "--resize must be at least 8 pixels")
         check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
         check(self.workers >= 0, "--workers must be >= 0")
+        check(not (self.synthetic and self.digits), "--synthetic and --digits: pick one")
 
 
 def main(opts):
     data_dir = Path(opts.data_dir)
-    if opts.synthetic:
+    if opts.synthetic or opts.digits:
         from triplet import synthetic
-        root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.image_size, opts.seed)
-        print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
+        if opts.digits:
+            root = synthetic.make_digits_cub(data_dir, opts.image_size, opts.seed)
+            print(f"wrote scikit-learn's handwritten digits in the CUB-200-2011 layout to {root}")
+        else:
+            root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.image_size, opts.seed)
+            print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
         if opts.pack:
             print(f"packed {opts.pack} (MD5 {synthetic.pack_archive(data_dir, opts.pack)})")
         print(f"next: python scripts/prepare_data.py --data-dir {data_dir}")

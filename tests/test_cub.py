@@ -183,3 +183,83 @@ def test_unreadable_image_is_found_during_prepare(data_copy):
 def test_offline_download_says_how_to_get_the_archive_by_hand(tmp_path):
     with pytest.raises(UserError, match="--archive"):
         cub.download(tmp_path / "CUB_200_2011.tgz", urls=["http://127.0.0.1:9/CUB_200_2011.tgz"])
+
+
+class _RangeHandler:
+    """A loopback HTTP server that serves one file with Range support, optionally cut short once."""
+
+    def __init__(self, payload, cut_first_at=None):
+        import http.server
+        import threading
+
+        outer = self
+        self.payload, self.cut, self.requests = payload, cut_first_at, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                start = 0
+                if self.headers.get("Range"):
+                    start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+                outer.requests.append(start)
+                body = outer.payload[start:]
+                self.send_response(206 if start else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if outer.cut is not None:  # the first transfer dies half-way
+                    body, outer.cut = body[:outer.cut], None
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/CUB_200_2011.tgz"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_download_resumes_a_partial_file_and_verifies_md5(synthetic_root, tmp_path):
+    archive = tmp_path / "source.tgz"
+    md5 = pack_archive(synthetic_root, archive)
+    payload = archive.read_bytes()
+    server = _RangeHandler(payload, cut_first_at=len(payload) // 3)
+    try:
+        dest = tmp_path / "data" / "CUB_200_2011.tgz"
+        # First mirror: the transfer breaks; the second call resumes from the partial file.
+        with pytest.raises(UserError, match="--archive"):
+            cub.download(dest, urls=[server.url], md5=md5, expected_bytes=len(payload))
+        partial = dest.with_name(dest.name + ".part")
+        assert 0 < partial.stat().st_size < len(payload)
+        cub.download(dest, urls=["http://127.0.0.1:9/unreachable.tgz", server.url], md5=md5,
+                     expected_bytes=len(payload))
+        assert server.requests[-1] == len(payload) // 3  # asked only for the rest (HTTP Range)
+        assert dest.read_bytes() == payload and not partial.exists()
+    finally:
+        server.close()
+
+
+def test_download_with_a_wrong_md5_deletes_the_file(synthetic_root, tmp_path):
+    archive = tmp_path / "source.tgz"
+    pack_archive(synthetic_root, archive)
+    server = _RangeHandler(archive.read_bytes())
+    try:
+        dest = tmp_path / "data" / "CUB_200_2011.tgz"
+        with pytest.raises(UserError, match="does not match"):
+            cub.download(dest, urls=[server.url], md5="0" * 32)
+        assert not dest.exists()
+    finally:
+        server.close()
+
+
+def test_an_empty_test_split_is_refused(data_copy):
+    split = data_copy / "CUB_200_2011" / "train_test_split.txt"
+    split.write_text("".join(f"{line.split()[0]} 1\n" for line in split.read_text().splitlines()))
+    with pytest.raises(UserError, match="the test split of --split official is empty"):
+        prepare(DataOptions(data_dir=str(data_copy), resize=40), workers=1, log=lambda *a: None)

@@ -201,3 +201,16 @@ def test_bad_arguments_are_refused(tmp_path, kwargs, match):
 def test_image_shape_matches_cub_photos():
     assert image_shape(500) == (500, 375)
     assert image_shape(64) == (64, 48)
+
+
+def test_digits_are_real_images_in_the_cub_layout(tmp_path):
+    from triplet.cub import make_splits, read_metadata
+    from triplet.synthetic import make_digits_cub
+
+    root = make_digits_cub(tmp_path, image_size=16)
+    records = read_metadata(root)
+    assert len(records) == 1797 and {r.class_name for r in records} == {f"{k:03d}.Digit_{k - 1}" for k in range(1, 11)}
+    splits = make_splits(records, "official", 0.1, 0)
+    assert all({r.class_id for r in splits[name]} == set(range(1, 11)) for name in ("train", "val", "test"))
+    with Image.open(root / "images" / records[0].path) as image:
+        assert image.size == (16, 16)

@@ -5,6 +5,7 @@ The official archive holds ``CUB_200_2011/`` with five metadata files and
 ``read_metadata``, which checks them once and fails with the file and line of the first problem.
 """
 import hashlib
+import http.client
 import math
 import shutil
 import tarfile
@@ -68,8 +69,11 @@ def download(dest, urls=CUB_URLS, md5=CUB_MD5, expected_bytes=CUB_BYTES):
                     for chunk in iter(lambda: response.read(1 << 20), b""):
                         f.write(chunk)
                         bar.update(len(chunk))
-        except (urllib.error.URLError, OSError) as e:
-            errors.append(f"{url}: {e}")
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # .part is kept to resume
+            errors.append(f"{url}: {e!r}")
+            continue
+        if part.stat().st_size < total:  # the connection closed early: keep .part, resume next time
+            errors.append(f"{url}: connection closed after {part.stat().st_size:,} of {total:,} bytes")
             continue
         part.replace(dest)
         verify_md5(dest, md5)

@@ -174,61 +174,37 @@ def _write_text(path, lines):
         tmp.chmod(0o644)
 
 
-def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0,
-                       grayscale_fraction=0.05, train_fraction=0.5):
-    """Write ``data_dir/CUB_200_2011`` (CUB layout, JPEGs) and return its path.
+def _write_cub(data_dir, class_names, items, readme_lines):
+    """Write ``data_dir/CUB_200_2011`` from ``items``: (class index, index in class, image, is_train, box).
 
     The folder is built beside the target and renamed into place, so a crash leaves either the
     old folder or the new one. An existing synthetic folder is replaced; a real one is refused.
     """
-    _check_args(classes, per_class, image_size, grayscale_fraction, train_fraction)
     data_dir = Path(data_dir)
     target = data_dir / ROOT
     readme = target / "README"
     if target.exists() and not (readme.is_file() and readme.read_text().startswith(README_MARKER)):
         raise UserError(f"{target} exists and is not a synthetic dataset; refusing to replace it")
     data_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n = classes * per_class
-    n_gray = round(n * grayscale_fraction)
-    if grayscale_fraction > 0 and n >= 20:
-        n_gray = max(n_gray, 1)
-    gray = set(rng.choice(n, size=n_gray, replace=False).tolist())
-    min_side = 2 if per_class >= 4 else 1
-    n_train = min(max(round(per_class * train_fraction), min_side), per_class - min_side)
-
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{ROOT}.", suffix=".tmp", dir=data_dir))
     try:
         tmp_root.chmod(0o755)
-        class_lines, image_lines, label_lines, split_lines, box_lines = [], [], [], [], []
-        for k in range(classes):
-            folder = f"{k + 1:03d}.{class_name(k)}"
-            class_lines.append(f"{k + 1} {folder}")
+        folders = [f"{k + 1:03d}.{name}" for k, name in enumerate(class_names)]
+        for folder in folders:
             (tmp_root / "images" / folder).mkdir(parents=True)
-            train = set(rng.permutation(per_class)[:n_train].tolist())
-            for i in range(per_class):
-                image_id = k * per_class + i + 1
-                rel = f"{folder}/{class_name(k)}_{i + 1:04d}_{image_id}.jpg"
-                img, (x, y, bw, bh) = render(k, np.random.default_rng([seed, k, i]), image_size)
-                if image_id - 1 in gray:
-                    img = img.convert("L")
-                img.save(tmp_root / "images" / rel, "JPEG", quality=90)
-                image_lines.append(f"{image_id} {rel}")
-                label_lines.append(f"{image_id} {k + 1}")
-                split_lines.append(f"{image_id} {int(i in train)}")
-                box_lines.append(f"{image_id} {float(x)} {float(y)} {float(bw)} {float(bh)}")
-        for name, lines in (("classes.txt", class_lines), ("images.txt", image_lines),
-                            ("image_class_labels.txt", label_lines),
-                            ("train_test_split.txt", split_lines),
-                            ("bounding_boxes.txt", box_lines)):
+        image_lines, label_lines, split_lines, box_lines = [], [], [], []
+        for image_id, (k, i, img, is_train, (x, y, bw, bh)) in enumerate(items, start=1):
+            rel = f"{folders[k]}/{class_names[k]}_{i + 1:04d}_{image_id}.jpg"
+            img.save(tmp_root / "images" / rel, "JPEG", quality=90)
+            image_lines.append(f"{image_id} {rel}")
+            label_lines.append(f"{image_id} {k + 1}")
+            split_lines.append(f"{image_id} {int(is_train)}")
+            box_lines.append(f"{image_id} {float(x)} {float(y)} {float(bw)} {float(bh)}")
+        for name, lines in (("classes.txt", [f"{k + 1} {f}" for k, f in enumerate(folders)]),
+                            ("images.txt", image_lines), ("image_class_labels.txt", label_lines),
+                            ("train_test_split.txt", split_lines), ("bounding_boxes.txt", box_lines)):
             _write_text(tmp_root / name, lines)
-        _write_text(tmp_root / "README", [
-            f"{README_MARKER} -- not real bird photographs.",
-            "Made by triplet.synthetic.make_synthetic_cub(classes={}, per_class={}, image_size={}, "
-            "seed={}, grayscale_fraction={}, train_fraction={}).".format(
-                classes, per_class, image_size, seed, grayscale_fraction, train_fraction),
-            "Same layout as CUB_200_2011 (no attributes/ or parts/). Each class is a shape, a "
-            "two-colour palette and a texture; the box is the drawn object's extent."])
+        _write_text(tmp_root / "README", [f"{README_MARKER} -- not real bird photographs.", *readme_lines])
         old = None
         if target.exists():
             old = data_dir / f".{ROOT}.old-{os.getpid()}"
@@ -240,6 +216,59 @@ def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0
         shutil.rmtree(tmp_root, ignore_errors=True)
         raise
     return target
+
+
+def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0,
+                       grayscale_fraction=0.05, train_fraction=0.5):
+    """Write ``data_dir/CUB_200_2011`` (CUB layout, JPEGs) and return its path."""
+    _check_args(classes, per_class, image_size, grayscale_fraction, train_fraction)
+    rng = np.random.default_rng(seed)
+    n = classes * per_class
+    n_gray = round(n * grayscale_fraction)
+    if grayscale_fraction > 0 and n >= 20:
+        n_gray = max(n_gray, 1)
+    gray = set(rng.choice(n, size=n_gray, replace=False).tolist())
+    min_side = 2 if per_class >= 4 else 1
+    n_train = min(max(round(per_class * train_fraction), min_side), per_class - min_side)
+
+    def items():
+        for k in range(classes):
+            train = set(rng.permutation(per_class)[:n_train].tolist())
+            for i in range(per_class):
+                img, box = render(k, np.random.default_rng([seed, k, i]), image_size)
+                yield k, i, img.convert("L") if k * per_class + i in gray else img, i in train, box
+
+    readme = ["Made by triplet.synthetic.make_synthetic_cub(classes={}, per_class={}, image_size={}, "
+              "seed={}, grayscale_fraction={}, train_fraction={}).".format(
+                  classes, per_class, image_size, seed, grayscale_fraction, train_fraction),
+              "Same layout as CUB_200_2011 (no attributes/ or parts/). Each class is a shape, a "
+              "two-colour palette and a texture; the box is the drawn object's extent."]
+    return _write_cub(data_dir, [class_name(k) for k in range(classes)], items(), readme)
+
+
+def make_digits_cub(data_dir, image_size=32, seed=0, train_fraction=0.5):
+    """scikit-learn's 1,797 real handwritten digits (8x8 scans, 10 classes) in the CUB layout.
+
+    Real images that ship with a package: the offline stand-in for real-photo checks (bf16 versus
+    fp32, say) where CUB cannot be downloaded.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    names = [f"Digit_{d}" for d in range(10)]
+
+    def items():
+        for k in range(10):
+            members = np.flatnonzero(digits.target == k)
+            train = set(rng.permutation(len(members))[:round(len(members) * train_fraction)].tolist())
+            for i, j in enumerate(members):
+                pixels = (255 - digits.images[j] * 255 / 16).astype(np.uint8)  # dark ink on white
+                img = Image.fromarray(pixels, "L").resize((image_size, image_size), Image.Resampling.BILINEAR)
+                yield k, i, img, i in train, (0.0, 0.0, float(image_size), float(image_size))
+
+    return _write_cub(data_dir, names, items(), ["Made by triplet.synthetic.make_digits_cub: scikit-learn's "
+                                                 "handwritten digits (real 8x8 scans), upscaled."])
 
 
 def _tarinfo(name, path):
