@@ -15,7 +15,6 @@ a Markdown table beside it (same name, .md).
 """
 import copy
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,12 +25,13 @@ import onnxruntime as ort
 import torch
 
 from triplet.cli import check, run
-from triplet.engine import cpu_has_bf16
+from triplet.engine import cpu_has_bf16, usable_cores
 from triplet.export import export_model, quantize_int8
 from triplet.fileio import write_json, write_text
 from triplet.inference import OnnxEmbedder
 from triplet.model import BACKBONES, EmbeddingNet
 from triplet.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from triplet.runs import cpu_name
 
 
 @dataclass
@@ -52,20 +52,6 @@ class Options:
         for name in ("embedding_dim", "image_size", "batch_size", "iterations"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         check(self.warmup >= 0 and self.threads >= 0, "--warmup and --threads must be >= 0")
-
-
-def usable_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_seconds():

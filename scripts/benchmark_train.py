@@ -24,7 +24,6 @@ given as a share of a large matmul's FLOP/s measured in the same run, in the row
 Writes --out (JSON) and a Markdown table beside it (same name, .md).
 """
 import math
-import platform
 import random
 import shlex
 import sys
@@ -55,6 +54,7 @@ from triplet.data import ImageDataset, TripletCUBDataset, check_triplet_ready
 from triplet.fileio import write_json, write_text
 from triplet.model import BACKBONES, build_model
 from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
+from triplet.runs import cpu_name
 from triplet.synthetic import ROOT, make_synthetic_cub
 from triplet.transforms import EvalTransform, TrainTransform
 
@@ -192,17 +192,9 @@ def probe_machine(device):
     if (torch.cuda.is_bf16_supported() if device.type == "cuda" else engine.cpu_has_bf16()):
         dtypes["bf16"] = torch.bfloat16  # elsewhere bf16 is emulated: its matmul is no peak
     peaks = {name: round(matmul_peak_gflops(device, dtype), 1) for name, dtype in dtypes.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "auto_precision": precision, "cpu_has_bf16": engine.cpu_has_bf16(), "matmul_peak_gflops": peaks}
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _speed(seconds, steps, batch_size):

@@ -54,9 +54,13 @@ def autocast(device, precision):
     return torch.autocast(device.type if enabled else "cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(device):
     """CPU: one worker decodes while the main process computes; more only steal its cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if device.type == "cuda":
         return max(1, min(8, cores // max(1, dist.world_size()) - 1))
     return 1 if cores > 1 else 0

@@ -28,13 +28,22 @@ def git_commit():
         return None
 
 
+def cpu_name():
+    """The processor's marketing name ("AMD EPYC"): platform.processor() is empty on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def environment(device, precision, world_size=1):
     import torch  # here, not at the top: plots and reports read run folders without torch
     import torchvision
 
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "precision": precision, "world_size": world_size}
 
 
