@@ -24,10 +24,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from triplet.benchmark import write_results
 from triplet.cli import check, run
 from triplet.engine import cpu_has_bf16, usable_cores
 from triplet.export import export_model, quantize_int8
-from triplet.fileio import write_json, write_text
 from triplet.inference import OnnxEmbedder
 from triplet.model import BACKBONES, EmbeddingNet
 from triplet.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
@@ -197,10 +197,7 @@ def main(opts):
               "cpu": cpu_name(), "cpu_has_bf16": cpu_has_bf16(), "torch": str(torch.__version__),
               "onnxruntime": ort.__version__, "load_average_before": list(load_before),
               "load_average_after": list(load_after), "results": results, "notes": notes}
-    out = Path(opts.out)
-    write_json(out, report)
-    write_text(out.with_suffix(".md"), markdown(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(opts.out, report, markdown(report))
 
 
 if __name__ == "__main__":

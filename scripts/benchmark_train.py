@@ -48,10 +48,10 @@ from triplet.benchmark import (
     synchronize,
     timed_batches,
     train_gflop_per_triplet,
+    write_results,
 )
 from triplet.cli import check, run
 from triplet.data import ImageDataset, TripletCUBDataset, check_triplet_ready
-from triplet.fileio import write_json, write_text
 from triplet.model import BACKBONES, build_model
 from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
 from triplet.runs import cpu_name
@@ -328,10 +328,7 @@ def main(opts):
                   "peak_cuda_mb: torch.cuda.max_memory_allocated",
         "backbones": backbones,
     }
-    out = Path(opts.out)
-    write_json(out, report)
-    write_text(out.with_suffix(".md"), markdown(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_results(opts.out, report, markdown(report))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from triplet.cli import check, run
 from triplet.data import ImageDataset
 from triplet.fileio import atomic_path, read_json, write_json
 from triplet.model import BACKBONES, build_model
-from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.prepare import DataOptions, prepared_dir, read_manifest, run_data_options
 from triplet.transforms import EvalTransform
 
 
@@ -58,7 +58,6 @@ def load_model(opts, run_dir):
             options = dataclasses.asdict(opts) | {"data_dir": opts.data_dir or "data", "margin": 1.0}
         model = build_model(options["backbone"], options["embedding_dim"], options["weights"])
         return model.eval(), options, {"checkpoint": "none", "epoch": 0}
-    runs.require_run_dir(run_dir, needs=None)
     path = run_dir / f"checkpoint_{opts.checkpoint}.pt" if opts.checkpoint in ("best", "last") else Path(opts.checkpoint)
     model, checkpoint = model_from_checkpoint(path)
     options = checkpoint["config"]["options"]
@@ -70,9 +69,7 @@ def main(opts):
     if opts.checkpoint != "none":
         runs.require_run_dir(run_dir, needs=None)
     model, options, info = load_model(opts, run_dir)
-    data = DataOptions(**{k: options[k] for k in dataclasses.asdict(DataOptions())})
-    if opts.data_dir:
-        data.data_dir = opts.data_dir
+    data = run_data_options(options, opts.data_dir)
     device = engine.resolve_device(opts.device)
     precision = engine.resolve_precision(opts.precision, device)
     workers = engine.default_workers(device) if opts.workers < 0 else opts.workers

@@ -13,13 +13,12 @@ from triplet.checkpoint import model_from_checkpoint
 from triplet.export import OPSET, best_run, verify
 from triplet.fileio import UserError, read_json, write_json
 from triplet.inference import OnnxEmbedder, decode_metadata
-from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.prepare import prepared_dir, read_manifest, run_data_options
 
 
 def split_paths(run_dir, split="test"):
     options = read_json(run_dir / "config.json")["options"]
-    data = DataOptions(**{k: options[k] for k in vars(DataOptions())})
-    return read_manifest(prepared_dir(data), split)[0]
+    return read_manifest(prepared_dir(run_data_options(options)), split)[0]
 
 
 def fake_run(results, name, source, precision_at_1, checkpoint=True):

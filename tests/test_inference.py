@@ -15,15 +15,14 @@ from triplet.checkpoint import model_from_checkpoint
 from triplet.export import export_model, run_metadata
 from triplet.fileio import UserError, read_json
 from triplet.inference import OnnxEmbedder, nearest
-from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.prepare import prepared_dir, read_manifest, run_data_options
 from triplet.transforms import EvalTransform
 
 
 @pytest.fixture(scope="module")
 def images(tiny_run):
     options = read_json(tiny_run / "config.json")["options"]
-    data = DataOptions(**{k: options[k] for k in vars(DataOptions())})
-    return read_manifest(prepared_dir(data), "test")[0]
+    return read_manifest(prepared_dir(run_data_options(options)), "test")[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,22 @@ import multiprocessing
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
-from triplet.fileio import UserError
+from triplet.fileio import UserError, write_json, write_text
 
 # Forward GMACs (multiply-adds) per 224x224 image, as torchvision documents them.
 GMACS_224 = {"resnet18": 1.81, "resnet34": 3.66}
+
+
+def write_results(out, report, markdown):
+    """A benchmark's results as JSON and, beside it, its Markdown table (both atomic)."""
+    out = Path(out)
+    write_json(out, report)
+    write_text(out.with_suffix(".md"), markdown)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 def forward_gflop(backbone, image_size):

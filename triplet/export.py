@@ -6,7 +6,6 @@ model is kept as the deployable one only if its test Precision@1 stays within ``
 points of fp32's. A model that fails is renamed ``*.rejected.onnx`` and the exit is non-zero.
 """
 import contextlib
-import dataclasses
 import logging
 import os
 import tempfile
@@ -21,7 +20,7 @@ from triplet.checkpoint import model_from_checkpoint
 from triplet.fileio import UserError, atomic_path, read_json
 from triplet.inference import OnnxEmbedder, encode_metadata
 from triplet.metrics import retrieval_metrics
-from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.prepare import prepared_dir, read_manifest, run_data_options
 from triplet.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 from triplet.runs import find_runs, require_run_dir
 from triplet.transforms import EvalTransform
@@ -46,10 +45,7 @@ def load_run(run_dir, data_dir=""):
     require_run_dir(run_dir, needs="metrics.json")
     model, checkpoint = model_from_checkpoint(run_dir / "checkpoint_best.pt")
     options = checkpoint["config"]["options"]
-    data = DataOptions(**{f.name: options[f.name] for f in dataclasses.fields(DataOptions)})
-    if data_dir:
-        data.data_dir = data_dir
-    return model, options, read_json(run_dir / "metrics.json"), data
+    return model, options, read_json(run_dir / "metrics.json"), run_data_options(options, data_dir)
 
 
 def run_metadata(run_dir, options, metrics):

@@ -35,6 +35,14 @@ class DataOptions:
     crop_bbox: bool = field(default=False, metadata={"help": "crop each image to its bounding box first"})
 
 
+def run_data_options(options, data_dir=""):
+    """The DataOptions a run was trained with, from its options dict; ``data_dir`` overrides the folder."""
+    data = DataOptions(**{k: options[k] for k in asdict(DataOptions())})
+    if data_dir:
+        data.data_dir = data_dir
+    return data
+
+
 def prepared_name(options):
     bbox = "-bbox" if options.crop_bbox else ""
     return f"{options.split}-r{options.resize}{bbox}-val{options.val_fraction:g}-seed{options.split_seed}"
