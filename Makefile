@@ -135,8 +135,12 @@ demo: | setup
 	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
 	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"
 
+## readme: rewrite the README's script reference from every script's --help (a test checks it)
+readme: | setup
+	UPDATE_README=1 $(PY) -m pytest -q tests/test_readme.py
+
 ## clean: remove caches (never results/ or data/)
 clean:
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench bench-train demo clean
+.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench bench-train demo readme clean

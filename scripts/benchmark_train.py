@@ -1,8 +1,8 @@
 """Training throughput: the suite's data path and step versus a straightforward implementation.
 
     python scripts/benchmark_train.py                                   # ResNet18 and ResNet34 at 224
-    python scripts/benchmark_train.py --backbones resnet18 --steps 5 --warmup 2
-    python scripts/benchmark_train.py --device cuda --steps 100 --warmup 10 --also-bf16
+    python scripts/benchmark_train.py --backbones resnet18 --rounds 1 --profile
+    python scripts/benchmark_train.py --device cuda --steps 100 --warmup 10 --also-bf16 --also-compile
 
 On the same synthetic CUB-size images (500x375 JPEGs, written to --workdir), the same model and
 the same batch, it times --steps training steps after --warmup steps of
@@ -17,6 +17,9 @@ the same batch, it times --steps training steps after --warmup steps of
 and the suite's evaluation embedding (``engine.embed`` of the prepared test images, repeated to
 --steps x --batch-size images). Each measurement runs in a fresh process, so the peak memory
 reported for it is its own (Linux VmHWM of the main process; CUDA: max_memory_allocated too).
+The two training paths alternate for --rounds rounds. On a shared machine whose speed drifts by
+up to 30 % between runs (seen on the 2-core development machine), each round's ratio compares
+the paths under like conditions: their range is reported beside the overall rates and ratio.
 Achieved FLOP/s, from torchvision's GMACs (training = 3 images x 3 forwards per triplet), are
 given as a share of a large matmul's FLOP/s measured in the same run, in the row's precision
 (bf16 is measured only where the hardware has it: CUDA, AVX-512-bf16/AMX; else fp32's peak).
@@ -26,6 +29,7 @@ Writes --out (JSON) and a Markdown table beside it (same name, .md).
 import math
 import random
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -65,12 +69,20 @@ class Options:
         "nargs": "+", "choices": list(BACKBONES), "help": "trunks to benchmark (default: all of them)"})
     image_size: int = field(default=224, metadata={"help": "training crop and evaluation input size"})
     batch_size: int = field(default=32, metadata={"help": "triplets per training step (3x as many images)"})
-    steps: int = field(default=10, metadata={"help": "timed training steps per path; 100 or more on a GPU"})
-    warmup: int = field(default=2, metadata={"help": "untimed steps first (allocator, kernel choice, workers)"})
+    steps: int = field(default=5, metadata={"help": "timed training steps per path and round; 100 or more on a GPU"})
+    warmup: int = field(default=1, metadata={"help": "untimed steps first (allocator, kernel choice, workers)"})
+    rounds: int = field(default=3, metadata={
+        "help": "times the reference and the suite alternate, each in a fresh process, so that a drift of a "
+                "shared machine's speed hits both; each round's ratio is reported beside the overall one"})
+    profile: bool = field(default=False, metadata={
+        "help": "also profile one suite step (torch.profiler) and report where its time goes: convolutions, "
+                "batch norm, the rest, and the convolutions' achieved GFLOP/s"})
     eval_batch_size: int = field(default=128, metadata={"help": "images per batch when embedding"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
     also_bf16: bool = field(default=False, metadata={
         "help": "also time the suite with bf16 autocast forced, as a labelled extra row (when auto is fp32)"})
+    also_compile: bool = field(default=False, metadata={
+        "help": "also time the suite with --compile (torch.compile), as a labelled extra row; the warm-up compiles"})
     out: str = field(default="results/train_benchmark.json", metadata={"help": "JSON result; the .md table goes beside it"})
     workdir: str = field(default="", metadata={
         "help": "folder for the synthetic images and their prepared copy, kept and reused (default: a temporary folder)"})
@@ -81,7 +93,9 @@ class Options:
 
     def __post_init__(self):
         check(self.steps >= 1, f"--steps {self.steps}: must be >= 1")
+        check(self.rounds >= 1, f"--rounds {self.rounds}: must be >= 1")
         check(self.warmup >= 0, f"--warmup {self.warmup}: must be >= 0")
+        check(self.warmup >= 1 or not self.also_compile, "--also-compile: needs --warmup >= 1 (the first step compiles)")
         check(self.batch_size >= 2, f"--batch-size {self.batch_size}: must be >= 2")
         check(self.eval_batch_size >= 1, f"--eval-batch-size {self.eval_batch_size}: must be >= 1")
         check(self.image_size >= 16, f"--image-size {self.image_size}: must be >= 16")
@@ -147,7 +161,7 @@ def reference_train(device, backbone, paths, labels, image_size, batch_size, war
 
 # ---- the suite: its own data path and training step, reused from triplet/ ----------------------
 
-def suite_train(device, backbone, paths, labels, image_size, batch_size, warmup, steps, precision):
+def suite_train(device, backbone, paths, labels, image_size, batch_size, warmup, steps, precision, compiled=False):
     device = torch.device(device)
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -158,11 +172,12 @@ def suite_train(device, backbone, paths, labels, image_size, batch_size, warmup,
     model = build_model(backbone).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     seconds = []
-    engine.train_one_epoch(model, timed_batches(loader, warmup, steps, device, seconds), optimizer, device,
+    engine.train_one_epoch(engine.compile_model(model, device) if compiled else model,
+                           timed_batches(loader, warmup, steps, device, seconds), optimizer, device,
                            precision, margin=1.0, progress=False)
     return {"data": "prepared copy, torchvision.io + transforms v2", "precision": precision,
-            "memory_format": "channels_last", "workers": workers, **_speed(seconds[0], steps, batch_size),
-            **memory_report(device)}
+            "memory_format": "channels_last, compiled" if compiled else "channels_last", "workers": workers,
+            **_speed(seconds[0], steps, batch_size), **memory_report(device)}
 
 
 def suite_embed(device, backbone, paths, labels, image_size, batch_size, precision):
@@ -182,6 +197,43 @@ def suite_embed(device, backbone, paths, labels, image_size, batch_size, precisi
     seconds = time.perf_counter() - start
     return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 2),
             "precision": precision, "workers": workers, **memory_report(device)}
+
+
+def profile_suite_step(device, backbone, image_size, batch_size, precision):
+    """Where the suite's training step spends its time, by operator, on random images.
+
+    Only the model's step is profiled (the loader is in the timed rows): one warm-up step, then
+    one under torch.profiler. The aten operators' self time (device time on CUDA) is grouped into
+    convolutions (forward and backward), batch norm, and the rest of the step's wall time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = build_model(backbone).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    anchors, positives, negatives = torch.randn(3, batch_size, 3, image_size, image_size).unbind()
+    batch = [(anchors, positives, negatives, torch.zeros(batch_size, dtype=torch.long))]
+    engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(((event.key, getattr(event, attribute) / 1e6) for event in profiler.key_averages()
+                  if event.key.startswith("aten::")), key=lambda op: -op[1])
+    conv = sum(t for name, t in ops if "conv" in name)
+    batch_norm = sum(t for name, t in ops if "batch_norm" in name)
+    return {"precision": precision, "step_s": round(seconds, 3),
+            "shares": {"convolution": round(conv / seconds, 3), "batch_norm": round(batch_norm / seconds, 3),
+                       "other": round(max(0.0, 1 - (conv + batch_norm) / seconds), 3)},
+            "conv_gflops": round(train_gflop_per_triplet(backbone, image_size) * batch_size / max(conv, 1e-9), 1),
+            "top_ops_s": [[name, round(t, 3)] for name, t in ops[:8]]}
 
 
 def probe_machine(device):
@@ -229,27 +281,51 @@ def add_flops(row, gflop_per_item, rate_key, peaks):
     return row
 
 
+RATIO_KEYS = {"suite": "ratio", "suite_bf16_forced": "ratio_bf16_forced", "suite_compiled": "ratio_compiled"}
+LABELS = {"suite_bf16_forced": "suite, bf16 forced", "suite_compiled": "suite, --compile"}
+
+
+def combine(rows):
+    """One path's rounds as one row: all its timed triplets over all its timed seconds, each
+    round's rate, and the largest memory peaks."""
+    seconds = sum(r["seconds"] for r in rows)
+    rates = [r["triplets_per_s"] for r in rows]
+    triplets = sum(rate * r["seconds"] for rate, r in zip(rates, rows))
+    row = {**rows[0], "seconds": round(seconds, 3), "triplets_per_s": round(triplets / seconds, 3),
+           "step_s": round(statistics.mean(r["step_s"] for r in rows), 3), "rounds": rates}
+    for key in rows[0]:
+        if "peak" in key and key.endswith("_mb"):
+            row[key] = max(r[key] for r in rows)
+    return row
+
+
 def benchmark_backbone(opts, machine, backbone, train, test):
     device, peaks = machine["device"], machine["matmul_peak_gflops"]
     suite_paths, labels, originals = train
     common = dict(device=device, backbone=backbone, labels=labels, image_size=opts.image_size,
                   batch_size=opts.batch_size, warmup=opts.warmup, steps=opts.steps)
     per_triplet = train_gflop_per_triplet(backbone, opts.image_size)
-    result = {}
     runs = [("reference", reference_train, {"paths": [str(p) for p in originals]}),
             ("suite", suite_train, {"paths": suite_paths, "precision": machine["auto_precision"]})]
     if opts.also_bf16 and machine["auto_precision"] != "bf16":
         runs.append(("suite_bf16_forced", suite_train, {"paths": suite_paths, "precision": "bf16"}))
-    for name, function, extra in runs:
-        row = add_flops(in_fresh_process(function, **common, **extra), per_triplet, "triplets_per_s", peaks)
-        result[name] = row
-        print(f"{backbone} {name:<17} {row['triplets_per_s']:8.2f} triplets/s  {row['step_s']:7.2f} s/step  "
-              f"{row['precision']}, {row['workers']} workers, peak {_peak_mb(row):.0f} MiB, "
-              f"{100 * row['share_of_peak']:.1f}% of the {row['share_of']} matmul peak")
-    result["ratio"] = round(result["suite"]["triplets_per_s"] / result["reference"]["triplets_per_s"], 3)
-    if "suite_bf16_forced" in result:
-        result["ratio_bf16_forced"] = round(result["suite_bf16_forced"]["triplets_per_s"]
-                                            / result["reference"]["triplets_per_s"], 3)
+    if opts.also_compile:
+        runs.append(("suite_compiled", suite_train,
+                     {"paths": suite_paths, "precision": machine["auto_precision"], "compiled": True}))
+    rounds = {name: [] for name, _, _ in runs}
+    for round_number in range(1, opts.rounds + 1):
+        for name, function, extra in runs:  # alternating: a drift of the machine hits every path alike
+            row = in_fresh_process(function, **common, **extra)
+            rounds[name].append(row)
+            print(f"{backbone} {name:<17} {row['triplets_per_s']:8.2f} triplets/s  {row['step_s']:7.2f} s/step  "
+                  f"round {round_number}/{opts.rounds}, {row['precision']}, {row['workers']} workers, "
+                  f"peak {_peak_mb(row):.0f} MiB")
+    result = {name: add_flops(combine(rows), per_triplet, "triplets_per_s", peaks) for name, rows in rounds.items()}
+    for name, key in RATIO_KEYS.items():
+        if name in rounds:  # and the range of each round's ratio to the reference of the same round
+            ratios = [s["triplets_per_s"] / r["triplets_per_s"] for s, r in zip(rounds[name], rounds["reference"])]
+            result[key] = round(result[name]["triplets_per_s"] / result["reference"]["triplets_per_s"], 3)
+            result[f"{key}_rounds"] = [round(ratio, 3) for ratio in ratios]
     embed_paths, embed_labels = repeated(*test, opts.steps * opts.batch_size)
     row = in_fresh_process(suite_embed, device=device, backbone=backbone, paths=embed_paths, labels=embed_labels,
                            image_size=opts.image_size, batch_size=opts.eval_batch_size,
@@ -257,14 +333,32 @@ def benchmark_backbone(opts, machine, backbone, train, test):
     result["embedding"] = add_flops(row, forward_gflop(backbone, opts.image_size), "images_per_s", peaks)
     print(f"{backbone} embedding         {row['images_per_s']:8.2f} images/s    ({row['images']} images, "
           f"{row['precision']})")
-    print(f"{backbone}: suite {result['suite']['triplets_per_s']:.2f} triplets/s, reference "
-          f"{result['reference']['triplets_per_s']:.2f} triplets/s: {result['ratio']:.2f}x")
+    if opts.profile:
+        result["profile"] = profile = in_fresh_process(
+            profile_suite_step, device=device, backbone=backbone, image_size=opts.image_size,
+            batch_size=opts.batch_size, precision=machine["auto_precision"])
+        profile["share_of"] = profile["precision"] if profile["precision"] in peaks else "fp32"
+        profile["conv_share_of_peak"] = round(profile["conv_gflops"] / peaks[profile["share_of"]], 4)
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in profile["shares"].items())
+        print(f"{backbone} profile of one suite step ({profile['step_s']:.2f} s): {shares}; convolutions at "
+              f"{profile['conv_gflops']:.0f} GFLOP/s")
+    for name, key in RATIO_KEYS.items():
+        if name in rounds:
+            print(f"{backbone}: {name} {result[name]['triplets_per_s']:.2f} triplets/s, reference "
+                  f"{result['reference']['triplets_per_s']:.2f} triplets/s: {result[key]:.2f}x "
+                  f"(rounds: {', '.join(f'{r:.2f}x' for r in result[key + '_rounds'])})")
     return result
 
 
 def _peak_mb(row):
     """The memory that limits the batch: CUDA's allocator peak on a GPU, else the process's RSS."""
     return row.get("peak_cuda_mb", row["peak_rss_mb"])
+
+
+def _range(values, suffix=""):
+    """The rounds' lowest and highest value, "2.61–2.90" (one value when they agree)."""
+    low, high = f"{min(values):.2f}{suffix}", f"{max(values):.2f}{suffix}"
+    return low if low == high else f"{low}–{high}"
 
 
 def markdown(report):
@@ -277,28 +371,46 @@ def markdown(report):
         f"`{report['command']}`", "",
         f"{m['device']} ({m['name']}, {m['threads']} threads), torch {m['torch']}; measured matmul peak: {peaks}. "
         f"Synthetic {s['synthetic_size']}-px JPEGs ({s['images']} images), {s['image_size']}-px crops, "
-        f"{s['batch_size']} triplets per step, {s['steps']} timed steps after {s['warmup']} warm-up steps, "
-        f"each row in a fresh process. Peak memory: {memory}. The reference is the plain implementation in "
-        f"scripts/benchmark_train.py.", "",
+        f"{s['batch_size']} triplets per step. {s['rounds']} rounds, each path in a fresh process per round and "
+        f"the paths alternating, each timing {s['steps']} steps after {s['warmup']} warm-up "
+        f"step{'' if s['warmup'] == 1 else 's'}: triplets/s is "
+        f"all timed triplets over all timed seconds (the rounds' range in brackets), the ratio that of these "
+        f"rates (the range of each round's ratio in brackets). "
+        f"Peak memory: {memory}. The reference is the plain implementation in scripts/benchmark_train.py.", "",
         "| Backbone | Path | Data | Precision | Workers | Triplets/s | vs reference | s/step | Peak memory (MiB) "
         "| Share of matmul peak |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for backbone, result in report["backbones"].items():
-        reference = result["reference"]["triplets_per_s"]
-        for name in ("reference", "suite", "suite_bf16_forced"):
+        for name in ("reference", *RATIO_KEYS):
             if name in result:
                 r = result[name]
-                label = {"suite_bf16_forced": "suite, bf16 forced"}.get(name, name)
+                label = LABELS.get(name, name)
+                key = RATIO_KEYS.get(name)
+                ratio = f"**{result[key]:.2f}x** ({_range(result[key + '_rounds'], 'x')})" if key else "1.00x"
                 lines.append(f"| {backbone} | {label} | {r['data']} | {r['precision']}, {r['memory_format']} | "
-                             f"{r['workers']} | {r['triplets_per_s']:.2f} | {r['triplets_per_s'] / reference:.2f}x | "
-                             f"{r['step_s']:.2f} | {_peak_mb(r):,.0f} | {100 * r['share_of_peak']:.1f}% of {r['share_of']} |")
+                             f"{r['workers']} | {r['triplets_per_s']:.2f} ({_range(r['rounds'])}) | "
+                             f"{ratio} | {r['step_s']:.2f} | {_peak_mb(r):,.0f} | "
+                             f"{100 * r['share_of_peak']:.1f}% of {r['share_of']} |")
     lines += ["", "| Backbone | Embedding images/s | Precision | Peak memory (MiB) | Share of matmul peak |",
               "|---|---:|---|---:|---:|"]
     for backbone, result in report["backbones"].items():
         e = result["embedding"]
         lines.append(f"| {backbone} | {e['images_per_s']:.1f} | {e['precision']} | {_peak_mb(e):,.0f} | "
                      f"{100 * e['share_of_peak']:.1f}% of {e['share_of']} |")
+    profiled = {b: r["profile"] for b, r in report["backbones"].items() if "profile" in r}
+    if profiled:
+        time_of = "GPU time" if m["device"].startswith("cuda") else "CPU time"
+        lines += ["", f"Where one suite step's time goes (`--profile`: torch.profiler, aten operators' self {time_of} "
+                  "as a share of the step's wall time; random images, loader excluded):", "",
+                  "| Backbone | Step (s) | Convolutions | Batch norm | Other | Convolutions' GFLOP/s "
+                  "| Share of matmul peak |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for backbone, p in profiled.items():
+            sh = p["shares"]
+            lines.append(f"| {backbone} | {p['step_s']:.2f} | {100 * sh['convolution']:.0f}% | "
+                         f"{100 * sh['batch_norm']:.0f}% | {100 * sh['other']:.0f}% | {p['conv_gflops']:,.0f} | "
+                         f"{100 * p['conv_share_of_peak']:.0f}% of {p['share_of']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +431,7 @@ def main(opts):
     report = {
         "command": shlex.join(["python", *sys.argv]),
         "settings": {"image_size": opts.image_size, "batch_size": opts.batch_size, "steps": opts.steps,
+                     "rounds": opts.rounds,
                      "warmup": opts.warmup, "eval_batch_size": opts.eval_batch_size,
                      "synthetic_size": opts.synthetic_size, "images": opts.classes * opts.per_class,
                      "resize": opts.resize, "gmacs_224": {b: GMACS_224[b] for b in opts.backbones}},

@@ -9,7 +9,6 @@ Writes RUN_DIR/config.json, history.csv (one row per epoch), checkpoint_last.pt 
 and checkpoint_best.pt (best validation Precision@1).
 """
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,9 +159,7 @@ def main(opts):
     if dist.is_distributed():
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if opts.compile:
-        if device.type == "cpu":  # measured: parallel compile workers make it 2x slower on a 2-core CPU
-            os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-        net = torch.compile(net)
+        net = engine.compile_model(net, device)
     if dist.is_main():
         runs.write_config(run_dir, config)
     log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "

@@ -14,6 +14,7 @@ from triplet.fileio import UserError
 def test_benchmark_train_tiny(tmp_path):
     out = tmp_path / "results" / "bench.json"
     result = run_script("benchmark_train", "--image-size", 32, "--batch-size", 4, "--steps", 2, "--warmup", 1,
+                        "--rounds", 2, "--profile",
                         "--backbones", "resnet18", "--classes", 4, "--per-class", 4, "--synthetic-size", 64,
                         "--resize", 40, "--eval-batch-size", 4, "--workdir", tmp_path / "work", "--out", out,
                         timeout=120, env={"OMP_NUM_THREADS": "1"})  # 2 threads crawl on a busy CPU
@@ -25,20 +26,33 @@ def test_benchmark_train_tiny(tmp_path):
         assert r[path]["peak_rss_mb"] > 0
         assert r[path]["share_of_peak"] > 0
     assert r["reference"]["precision"] == "fp32" and r["reference"]["workers"] == 2
-    assert r["ratio"] == pytest.approx(r["suite"]["triplets_per_s"] / r["reference"]["triplets_per_s"], rel=0.01)
+    suite, reference = r["suite"], r["reference"]
+    assert r["ratio"] == pytest.approx(suite["triplets_per_s"] / reference["triplets_per_s"], rel=0.01)
+    assert r["ratio_rounds"] == pytest.approx([s / ref for s, ref in zip(suite["rounds"], reference["rounds"])],
+                                              rel=0.01)
+    assert len(r["ratio_rounds"]) == 2  # all timed triplets (2 rounds x 2 steps x 4) over all timed seconds:
+    assert suite["triplets_per_s"] == pytest.approx(2 * 2 * 4 / suite["seconds"], rel=0.01)
+    shares = r["profile"]["shares"]
+    assert shares["convolution"] > 0 and shares["batch_norm"] > 0 and sum(shares.values()) == pytest.approx(1, abs=0.01)
+    assert r["profile"]["conv_gflops"] > 0 and any("conv" in name for name, _ in r["profile"]["top_ops_s"])
     assert r["embedding"]["images_per_s"] > 0 and r["embedding"]["images"] >= 2 * 4
     table = out.with_suffix(".md").read_text()
     assert "| resnet18 | reference |" in table and "| resnet18 | suite |" in table
+    assert "Where one suite step's time goes" in table
     assert f"{r['ratio']:.2f}x" in result.stdout
     assert (tmp_path / "work" / "synthetic-4x4-64px" / "CUB_200_2011").is_dir()  # --workdir is kept
 
 
-def test_bad_out_is_a_one_line_error():
+def test_bad_options_are_one_line_errors():
     spec = importlib.util.spec_from_file_location("benchmark_train", ROOT / "scripts" / "benchmark_train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     with pytest.raises(UserError, match="--out"):
         parse(script.Options, ["--out", "results/bench.txt"])
+    with pytest.raises(UserError, match="--rounds 0"):
+        parse(script.Options, ["--rounds", "0"])
+    with pytest.raises(UserError, match="--also-compile: needs --warmup >= 1"):
+        parse(script.Options, ["--also-compile", "--warmup", "0"])
     assert parse(script.Options, [])[0].backbones == ["resnet18", "resnet34"]
 
 

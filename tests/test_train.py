@@ -1,6 +1,8 @@
 """Training and evaluation end to end: learning, checkpoints, resume, interruption, determinism."""
+import copy
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import torch
 
 from tests.conftest import ROOT, call_script, run_script
 from triplet.checkpoint import load_checkpoint, model_from_checkpoint
-from triplet.engine import NonFiniteLoss, embed, make_loader, train_one_epoch
+from triplet.engine import NonFiniteLoss, compile_model, embed, make_loader, train_one_epoch
 from triplet.fileio import UserError
 from triplet.prepare import DataOptions, prepare
 from triplet.synthetic import make_synthetic_cub
@@ -194,6 +196,25 @@ def test_non_finite_loss_names_epoch_and_step():
     with pytest.raises(NonFiniteLoss, match="epoch 3, step 1"):
         train_one_epoch(model, [batch], torch.optim.Adam(model.parameters()), torch.device("cpu"), "fp32", 1.0,
                         epoch=2, progress=False)
+
+
+def test_compiled_training_step_matches_eager_with_one_compile_thread_on_cpu(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "0")
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")  # unset for the test, restored after it
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    twin = copy.deepcopy(eager)
+    compiled = compile_model(twin, torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+    anchors, positives, negatives = torch.randn(3, 4, 3, 8, 8).unbind()
+    batch = [(anchors, positives, negatives, torch.zeros(4))]
+    losses = [train_one_epoch(model, batch, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"),
+                              "fp32", 1.0, progress=False)["train_loss"] for model in (eager, compiled)]
+    assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    for p_eager, p_compiled in zip(eager.parameters(), twin.parameters()):  # same step, same update
+        torch.testing.assert_close(p_compiled, p_eager, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twin[1].running_mean, eager[1].running_mean)
 
 
 def test_corrupt_or_foreign_checkpoints_are_refused(tiny_run, tmp_path):
