@@ -46,6 +46,9 @@ class Options(DataOptions):
         "help": "none: the study's offline random triplets; semihard / hard (batch-hard): online mining in PK batches"})
     samples_per_class: int = field(default=4, metadata={"help": "K of the PK batches (online mining)"})
     image_size: int = field(default=224, metadata={"help": "input size; evaluation resizes to size*256/224 and centre-crops"})
+    crop_scale: float = field(default=0.08, metadata={
+        "help": "smallest training crop, as a fraction of the image's area (RandomResizedCrop; torchvision's "
+                "default 0.08). Raise it (0.3-0.5) when the object is small or must stay whole"})
     workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: 1 on CPU, up to 8 per GPU)"})
     eval_batch_size: int = field(default=128, metadata={"help": "images per batch when embedding for validation"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
@@ -69,13 +72,15 @@ class Options(DataOptions):
         check(self.embedding_dim >= 1, f"--embedding-dim {self.embedding_dim}: must be >= 1")
         check(self.margin > 0, f"--margin {self.margin}: must be > 0")
         check(self.image_size >= 16, f"--image-size {self.image_size}: must be >= 16")
+        check(0 < self.crop_scale <= 1, f"--crop-scale {self.crop_scale}: must be in (0, 1]")
         check(self.mining == "none" or self.batch_size % self.samples_per_class == 0,
               f"--batch-size {self.batch_size} must be a multiple of --samples-per-class {self.samples_per_class}")
         check(not (self.resume and self.force), "--resume and --force contradict each other; pick one")
 
 
 def make_train_loader(opts, paths, labels, device, workers):
-    transform = CachedTrainTransform(paths, opts.image_size, device) if opts.gpu_cache else TrainTransform(opts.image_size)
+    transform = (CachedTrainTransform(paths, opts.image_size, device, opts.crop_scale) if opts.gpu_cache
+                 else TrainTransform(opts.image_size, opts.crop_scale))
     if opts.mining == "none":
         dataset = TripletCUBDataset(paths, labels, transform, seed=opts.seed)
         sampler = None
@@ -119,7 +124,7 @@ def main(opts):
     decision = None
     if dist.is_main():  # only rank 0 touches the folder; every rank then follows its decision
         try:
-            decision = ("ok", runs.claim_run_dir(run_dir, config, opts.resume, opts.force))
+            decision = ("ok", runs.claim_run_dir(run_dir, config, opts.resume, opts.force, runs.option_defaults(opts)))
         except UserError as e:
             decision = ("error", str(e))
     decision = dist.broadcast_object(decision)

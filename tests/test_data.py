@@ -100,6 +100,8 @@ def test_grayscale_images_come_out_three_channel(synthetic_root):
     assert image.shape[0] == 3 and image.dtype == torch.uint8
     assert EvalTransform(32)(gray[0]).shape == (3, 32, 32)
     assert TrainTransform(32)(image).shape == (3, 32, 32)
+    assert TrainTransform(32).ops.transforms[0].scale == (0.08, 1.0)  # torchvision's RandomResizedCrop default
+    assert TrainTransform(32, min_scale=0.5).ops.transforms[0].scale == (0.5, 1.0)  # --crop-scale
 
 
 def test_image_dataset_and_transform_sizes(synthetic_root):

@@ -15,8 +15,9 @@ import torch
 from tests.conftest import ROOT, call_script, run_script
 from triplet.checkpoint import load_checkpoint, model_from_checkpoint
 from triplet.engine import NonFiniteLoss, compile_model, embed, make_loader, train_one_epoch
-from triplet.fileio import UserError
+from triplet.fileio import UserError, write_json
 from triplet.prepare import DataOptions, prepare
+from triplet.runs import claim_run_dir
 from triplet.synthetic import make_synthetic_cub
 
 METRIC_KEYS = ["loss", "triplet_accuracy", "cos_sim_ap", "cos_sim_an", "precision_at_1", "precision_at_5",
@@ -159,8 +160,19 @@ def test_a_finished_or_different_run_is_not_overwritten(tiny_run, synthetic_root
     assert (run_dir / "checkpoint_best.pt").read_bytes() == before
 
 
+def test_an_option_added_since_a_run_was_made_counts_as_its_default(tmp_path):
+    write_json(tmp_path / "config.json", {"options": {"lr": 0.001}})  # from before --crop-scale existed
+    (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    defaults = {"lr": 0.001, "crop_scale": 0.08}
+    resumed = claim_run_dir(tmp_path, {"options": {"lr": 0.001, "crop_scale": 0.08}}, resume=True, defaults=defaults)
+    assert resumed == tmp_path / "checkpoint_last.pt"
+    with pytest.raises(UserError, match=r"--crop-scale 0.08 -> 0.5"):
+        claim_run_dir(tmp_path, {"options": {"lr": 0.001, "crop_scale": 0.5}}, resume=True, defaults=defaults)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--lr", "0"], "--lr 0.0: must be > 0"),
+    (["--crop-scale", "0"], "--crop-scale 0.0: must be in (0, 1]"),
     (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--batch-size", "1"], "--batch-size 1: must be >= 2"),
     (["--backbone", "vgg16"], "--backbone 'vgg16': unknown"),

@@ -2,7 +2,7 @@
 
 On CUDA and on CPUs with native bf16 (AVX-512 bf16 or AMX), bf16 autocast with channels_last
 is the default (``--precision auto``; reported at 2.7x the fp32 training throughput on a 2-core
-AVX-512-bf16 EPYC). On CPUs without it (AVX2 only), bf16 is emulated and 3-9x *slower*
+AVX-512-bf16 EPYC). On CPUs without it (AVX2 only), bf16 is emulated and 2.6-9x *slower*
 than fp32, so auto keeps fp32 there.
 """
 import os

@@ -51,12 +51,21 @@ def make_config(options, device, precision, world_size=1):
     return {"options": dataclasses.asdict(options), "environment": environment(device, precision, world_size)}
 
 
-def _differences(old, new):
-    return [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE and old.get(k) != new.get(k)]
+def option_defaults(options):
+    return {f.name: f.default for f in dataclasses.fields(options) if f.default is not dataclasses.MISSING}
 
 
-def claim_run_dir(run_dir, config, resume=False, force=False):
-    """Decide how training may use ``run_dir``; return the path of a checkpoint to resume or None."""
+def _differences(old, new, defaults):
+    # An option missing from an older run's config is one added since: that run had its default.
+    return [k for k in sorted(set(old) | set(new))
+            if k not in RESUMABLE and old.get(k, defaults.get(k)) != new.get(k)]
+
+
+def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None):
+    """Decide how training may use ``run_dir``; return the path of a checkpoint to resume or None.
+
+    ``defaults``: the options' defaults, standing in for options an older run's config lacks.
+    """
     run_dir = Path(run_dir)
     config_path, last = run_dir / "config.json", run_dir / "checkpoint_last.pt"
     if not config_path.exists() and not last.exists():
@@ -70,9 +79,10 @@ def claim_run_dir(run_dir, config, resume=False, force=False):
                         f"overwrite it, or choose another --out")
     if config_path.exists():
         old = read_json(config_path).get("options", {})
-        changed = _differences(old, config["options"])
+        defaults = defaults or {}
+        changed = _differences(old, config["options"], defaults)
         if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config['options'].get(k)!r}"
+            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k, defaults.get(k))!r} -> {config['options'].get(k)!r}"
                                for k in changed[:3])
             raise UserError(f"{run_dir}: holds a run with a different configuration ({detail}); "
                             f"use another --out, or --force to overwrite it")

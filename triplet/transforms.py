@@ -26,11 +26,15 @@ def load_image(path):
 
 
 class TrainTransform:
-    """RandomResizedCrop + horizontal flip + mild colour jitter + ImageNet normalisation."""
+    """RandomResizedCrop + horizontal flip + mild colour jitter + ImageNet normalisation.
 
-    def __init__(self, image_size):
+    ``min_scale``: the smallest crop, as a fraction of the image's area (torchvision's 0.08 by
+    default; small or centred objects, such as digits, need a larger one).
+    """
+
+    def __init__(self, image_size, min_scale=0.08):
         self.ops = v2.Compose([
-            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
             v2.ToDtype(torch.float32, scale=True),
@@ -57,10 +61,10 @@ class CachedTrainTransform:
     3 GB). Needs DataLoader workers=0: CUDA tensors do not cross process boundaries.
     """
 
-    def __init__(self, paths, image_size, device):
+    def __init__(self, paths, image_size, device, min_scale=0.08):
         from tqdm import tqdm
 
-        self.ops = TrainTransform(image_size).ops
+        self.ops = TrainTransform(image_size, min_scale).ops
         self.images = {str(p): load_image(p).to(device) for p in tqdm(paths, desc="cache", unit="img", leave=False)}
 
     def __call__(self, path):
