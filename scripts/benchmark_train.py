@@ -17,9 +17,10 @@ the same batch, it times --steps training steps after --warmup steps of
 and the suite's evaluation embedding (``engine.embed`` of the prepared test images, repeated to
 --steps x --batch-size images). Each measurement runs in a fresh process, so the peak memory
 reported for it is its own (Linux VmHWM of the main process; CUDA: max_memory_allocated too).
-The two training paths alternate for --rounds rounds. On a shared machine whose speed drifts by
-up to 30 % between runs (seen on the 2-core development machine), each round's ratio compares
-the paths under like conditions: their range is reported beside the overall rates and ratio.
+The two training paths alternate for --rounds rounds. On a shared machine whose speed drifts
+between runs (the 2-core development machine's matmul peak measured 89 to 184 GFLOP/s), each
+round's ratio compares the paths under like conditions: their range is reported beside the
+overall rates and ratio.
 Achieved FLOP/s, from torchvision's GMACs (training = 3 images x 3 forwards per triplet), are
 given as a share of a large matmul's FLOP/s measured in the same run, in the row's precision
 (bf16 is measured only where the hardware has it: CUDA, AVX-512-bf16/AMX; else fp32's peak).
