@@ -10,12 +10,13 @@ the same batch, it times --steps training steps after --warmup steps of
 * the reference (``reference_train``, below): the study's pipeline as a newcomer would write it,
   PIL decoding of the original JPEGs on every access, torchvision v1 transforms, three forwards,
   fp32, ``nn.TripletMarginLoss``, Adam, a default DataLoader with 2 workers;
-* the suite: the prepared copy (short side --resize), ``TrainTransform``, ``TripletCUBDataset``,
-  ``engine.make_loader`` with ``engine.default_workers`` and ``engine.train_one_epoch`` with
-  ``--precision auto`` and channels_last, as ``scripts/train.py`` runs them;
+* the suite (``triplet.speed.training_speed``): the prepared copy (short side --resize),
+  ``TrainTransform``, ``TripletCUBDataset``, ``engine.make_loader`` with ``engine.default_workers``
+  and ``engine.train_one_epoch`` with ``--precision auto`` and channels_last, as
+  ``scripts/train.py`` runs them;
 
-and the suite's evaluation embedding (``engine.embed`` of the prepared test images, repeated to
---steps x --batch-size images). Each measurement runs in a fresh process, so the peak memory
+and the suite's evaluation embedding (``triplet.speed.embedding_speed`` of the prepared test
+images, repeated to --steps x --batch-size images). Each measurement runs in a fresh process, so the peak memory
 reported for it is its own (Linux VmHWM of the main process; CUDA: max_memory_allocated too).
 The two training paths alternate for --rounds rounds. On a shared machine whose speed drifts
 between runs (the 2-core development machine's matmul peak measured 89 to 184 GFLOP/s), each
@@ -33,7 +34,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,25 +43,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from triplet import engine
 from triplet.benchmark import (
     GMACS_224,
     forward_gflop,
     in_fresh_process,
-    matmul_peak_gflops,
     memory_report,
-    synchronize,
     timed_batches,
     train_gflop_per_triplet,
     write_results,
 )
 from triplet.cli import check, run
-from triplet.data import ImageDataset, TripletCUBDataset, check_triplet_ready
+from triplet.cub_layout import ROOT
+from triplet.data import check_triplet_ready
 from triplet.model import BACKBONES, build_model
 from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
-from triplet.runs import cpu_name
-from triplet.synthetic import ROOT, make_synthetic_cub
-from triplet.transforms import EvalTransform, TrainTransform
+from triplet.speed import embedding_speed, probe_machine, profile_training_step, step_speed, training_speed
+from triplet.synthetic import make_synthetic_cub
 
 
 @dataclass
@@ -157,102 +154,7 @@ def reference_train(device, backbone, paths, labels, image_size, batch_size, war
         optimizer.step()
         running_loss += loss.item()
     return {"data": "original JPEGs, PIL + transforms v1", "precision": "fp32", "memory_format": "contiguous",
-            "workers": 2, **_speed(seconds[0], steps, batch_size), **memory_report(device)}
-
-
-# ---- the suite: its own data path and training step, reused from triplet/ ----------------------
-
-def suite_train(device, backbone, paths, labels, image_size, batch_size, warmup, steps, precision, compiled=False):
-    device = torch.device(device)
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as scripts/train.py
-    workers = engine.default_workers(device)
-    dataset = TripletCUBDataset(paths, labels, TrainTransform(image_size))
-    loader = engine.make_loader(dataset, device, workers, batch_size=batch_size, shuffle=True, drop_last=True)
-    model = build_model(backbone).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-    seconds = []
-    engine.train_one_epoch(engine.compile_model(model, device) if compiled else model,
-                           timed_batches(loader, warmup, steps, device, seconds), optimizer, device,
-                           precision, margin=1.0, progress=False)
-    return {"data": "prepared copy, torchvision.io + transforms v2", "precision": precision,
-            "memory_format": "channels_last, compiled" if compiled else "channels_last", "workers": workers,
-            **_speed(seconds[0], steps, batch_size), **memory_report(device)}
-
-
-def suite_embed(device, backbone, paths, labels, image_size, batch_size, precision):
-    device = torch.device(device)
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = build_model(backbone).to(device, memory_format=torch.channels_last).eval()
-    with torch.inference_mode(), engine.autocast(device, precision):  # warm-up: kernels, caches
-        model(engine.to_device(torch.zeros(min(batch_size, len(paths)), 3, image_size, image_size), device))
-    workers = engine.default_workers(device)
-    loader = engine.make_loader(ImageDataset(paths, labels, EvalTransform(image_size)), device, workers,
-                                batch_size=batch_size)
-    synchronize(device)
-    start = time.perf_counter()
-    engine.embed(model, loader, device, precision)  # returns NumPy: the device is done
-    seconds = time.perf_counter() - start
-    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 2),
-            "precision": precision, "workers": workers, **memory_report(device)}
-
-
-def profile_suite_step(device, backbone, image_size, batch_size, precision):
-    """Where the suite's training step spends its time, by operator, on random images.
-
-    Only the model's step is profiled (the loader is in the timed rows): one warm-up step, then
-    one under torch.profiler. The aten operators' self time (device time on CUDA) is grouped into
-    convolutions (forward and backward), batch norm, and the rest of the step's wall time.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    device = torch.device(device)
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    model = build_model(backbone).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-    anchors, positives, negatives = torch.randn(3, batch_size, 3, image_size, image_size).unbind()
-    batch = [(anchors, positives, negatives, torch.zeros(batch_size, dtype=torch.long))]
-    engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize(device)
-    with profile(activities=activities) as profiler:
-        start = time.perf_counter()
-        engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    ops = sorted(((event.key, getattr(event, attribute) / 1e6) for event in profiler.key_averages()
-                  if event.key.startswith("aten::")), key=lambda op: -op[1])
-    conv = sum(t for name, t in ops if "conv" in name)
-    batch_norm = sum(t for name, t in ops if "batch_norm" in name)
-    return {"precision": precision, "step_s": round(seconds, 3),
-            "shares": {"convolution": round(conv / seconds, 3), "batch_norm": round(batch_norm / seconds, 3),
-                       "other": round(max(0.0, 1 - (conv + batch_norm) / seconds), 3)},
-            "conv_gflops": round(train_gflop_per_triplet(backbone, image_size) * batch_size / max(conv, 1e-9), 1),
-            "top_ops_s": [[name, round(t, 3)] for name, t in ops[:8]]}
-
-
-def probe_machine(device):
-    """The device, the suite's automatic precision, and the matmul peak in each precision used."""
-    device = engine.resolve_device(device)
-    precision = engine.resolve_precision("auto", device)
-    dtypes = {"fp32": torch.float32}
-    if (torch.cuda.is_bf16_supported() if device.type == "cuda" else engine.cpu_has_bf16()):
-        dtypes["bf16"] = torch.bfloat16  # elsewhere bf16 is emulated: its matmul is no peak
-    peaks = {name: round(matmul_peak_gflops(device, dtype), 1) for name, dtype in dtypes.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "auto_precision": precision, "cpu_has_bf16": engine.cpu_has_bf16(), "matmul_peak_gflops": peaks}
-
-
-def _speed(seconds, steps, batch_size):
-    return {"seconds": round(seconds, 3), "step_s": round(seconds / steps, 3),
-            "triplets_per_s": round(steps * batch_size / seconds, 3)}
+            "workers": 2, **step_speed(seconds[0], steps, batch_size), **memory_report(device)}
 
 
 # ---- orchestration ------------------------------------------------------------------------------
@@ -274,11 +176,17 @@ def repeated(paths, labels, count):
     return paths * times, labels * times
 
 
+def peak_share(gflops, precision, peaks):
+    """GFLOP/s as a share of the matmul peak in ``precision`` (fp32's where that was not measured)."""
+    share_of = precision if precision in peaks else "fp32"
+    return round(gflops / peaks[share_of], 4), share_of
+
+
 def add_flops(row, gflop_per_item, rate_key, peaks):
-    """Achieved GFLOP/s and its share of the matmul peak in the row's precision (else fp32's)."""
+    """Achieved GFLOP/s and its share of the matmul peak in the row's precision."""
     gflops = row[rate_key] * gflop_per_item
-    share_of = row["precision"] if row["precision"] in peaks else "fp32"
-    row.update(gflops=round(gflops, 1), share_of_peak=round(gflops / peaks[share_of], 4), share_of=share_of)
+    share, share_of = peak_share(gflops, row["precision"], peaks)
+    row.update(gflops=round(gflops, 1), share_of_peak=share, share_of=share_of)
     return row
 
 
@@ -307,11 +215,11 @@ def benchmark_backbone(opts, machine, backbone, train, test):
                   batch_size=opts.batch_size, warmup=opts.warmup, steps=opts.steps)
     per_triplet = train_gflop_per_triplet(backbone, opts.image_size)
     runs = [("reference", reference_train, {"paths": [str(p) for p in originals]}),
-            ("suite", suite_train, {"paths": suite_paths, "precision": machine["auto_precision"]})]
+            ("suite", training_speed, {"paths": suite_paths, "precision": machine["auto_precision"]})]
     if opts.also_bf16 and machine["auto_precision"] != "bf16":
-        runs.append(("suite_bf16_forced", suite_train, {"paths": suite_paths, "precision": "bf16"}))
+        runs.append(("suite_bf16_forced", training_speed, {"paths": suite_paths, "precision": "bf16"}))
     if opts.also_compile:
-        runs.append(("suite_compiled", suite_train,
+        runs.append(("suite_compiled", training_speed,
                      {"paths": suite_paths, "precision": machine["auto_precision"], "compiled": True}))
     rounds = {name: [] for name, _, _ in runs}
     for round_number in range(1, opts.rounds + 1):
@@ -328,7 +236,7 @@ def benchmark_backbone(opts, machine, backbone, train, test):
             result[key] = round(result[name]["triplets_per_s"] / result["reference"]["triplets_per_s"], 3)
             result[f"{key}_rounds"] = [round(ratio, 3) for ratio in ratios]
     embed_paths, embed_labels = repeated(*test, opts.steps * opts.batch_size)
-    row = in_fresh_process(suite_embed, device=device, backbone=backbone, paths=embed_paths, labels=embed_labels,
+    row = in_fresh_process(embedding_speed, device=device, backbone=backbone, paths=embed_paths, labels=embed_labels,
                            image_size=opts.image_size, batch_size=opts.eval_batch_size,
                            precision=machine["auto_precision"])
     result["embedding"] = add_flops(row, forward_gflop(backbone, opts.image_size), "images_per_s", peaks)
@@ -336,10 +244,10 @@ def benchmark_backbone(opts, machine, backbone, train, test):
           f"{row['precision']})")
     if opts.profile:
         result["profile"] = profile = in_fresh_process(
-            profile_suite_step, device=device, backbone=backbone, image_size=opts.image_size,
+            profile_training_step, device=device, backbone=backbone, image_size=opts.image_size,
             batch_size=opts.batch_size, precision=machine["auto_precision"])
-        profile["share_of"] = profile["precision"] if profile["precision"] in peaks else "fp32"
-        profile["conv_share_of_peak"] = round(profile["conv_gflops"] / peaks[profile["share_of"]], 4)
+        profile["conv_share_of_peak"], profile["share_of"] = peak_share(profile["conv_gflops"], profile["precision"],
+                                                                        peaks)
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in profile["shares"].items())
         print(f"{backbone} profile of one suite step ({profile['step_s']:.2f} s): {shares}; convolutions at "
               f"{profile['conv_gflops']:.0f} GFLOP/s")

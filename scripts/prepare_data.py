@@ -46,6 +46,7 @@ def main(opts):
     data_dir = Path(opts.data_dir)
     if opts.synthetic or opts.digits:
         from triplet import synthetic
+        from triplet.cub_layout import pack_archive
         if opts.digits:
             root = synthetic.make_digits_cub(data_dir, opts.image_size, opts.seed)
             print(f"wrote scikit-learn's handwritten digits in the CUB-200-2011 layout to {root}")
@@ -53,7 +54,7 @@ def main(opts):
             root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.image_size, opts.seed)
             print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
         if opts.pack:
-            print(f"packed {opts.pack} (MD5 {synthetic.pack_archive(data_dir, opts.pack)})")
+            print(f"packed {opts.pack} (MD5 {pack_archive(data_dir, opts.pack)})")
         print(f"next: python scripts/prepare_data.py --data-dir {data_dir}")
         return
     if not (data_dir / "CUB_200_2011").is_dir():

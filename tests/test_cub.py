@@ -6,9 +6,9 @@ import pytest
 
 from tests.conftest import run_script
 from triplet import cub
+from triplet.cub_layout import pack_archive
 from triplet.fileio import UserError
 from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
-from triplet.synthetic import pack_archive
 
 
 def test_metadata_of_the_synthetic_set_is_consistent(synthetic_root):

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from triplet.cub import md5sum
+from triplet.cub_layout import pack_archive
 from triplet.fileio import UserError
-from triplet.synthetic import MAX_CLASSES, class_name, class_spec, image_shape, make_synthetic_cub, md5sum, pack_archive
+from triplet.synthetic import MAX_CLASSES, class_name, class_spec, image_shape, make_synthetic_cub
 
 CLASSES, PER_CLASS, SIZE = 5, 6, 32
 

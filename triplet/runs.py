@@ -55,10 +55,8 @@ def option_defaults(options):
     return {f.name: f.default for f in dataclasses.fields(options) if f.default is not dataclasses.MISSING}
 
 
-def _differences(old, new, defaults):
-    # An option missing from an older run's config is one added since: that run had its default.
-    return [k for k in sorted(set(old) | set(new))
-            if k not in RESUMABLE and old.get(k, defaults.get(k)) != new.get(k)]
+def _differences(old, new):
+    return [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE and old.get(k) != new.get(k)]
 
 
 def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None):
@@ -78,11 +76,11 @@ def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None):
         raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, --force to "
                         f"overwrite it, or choose another --out")
     if config_path.exists():
-        old = read_json(config_path).get("options", {})
-        defaults = defaults or {}
-        changed = _differences(old, config["options"], defaults)
+        # An option missing from an older run's config is one added since: that run had its default.
+        old = {**(defaults or {}), **read_json(config_path).get("options", {})}
+        changed = _differences(old, config["options"])
         if changed:
-            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k, defaults.get(k))!r} -> {config['options'].get(k)!r}"
+            detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config['options'].get(k)!r}"
                                for k in changed[:3])
             raise UserError(f"{run_dir}: holds a run with a different configuration ({detail}); "
                             f"use another --out, or --force to overwrite it")

@@ -1,0 +1,111 @@
+"""The suite's own speed, measured the way ``scripts/train.py`` and ``scripts/evaluate.py`` run.
+
+Each function builds its model and data path from scratch and is meant to run in a fresh
+process (``triplet.benchmark.in_fresh_process``), so its memory peak is its own. The
+straightforward reference these are compared with lives in ``scripts/benchmark_train.py``.
+"""
+import time
+
+import torch
+
+from triplet import engine
+from triplet.benchmark import matmul_peak_gflops, memory_report, synchronize, timed_batches, train_gflop_per_triplet
+from triplet.data import ImageDataset, TripletCUBDataset
+from triplet.model import build_model
+from triplet.runs import cpu_name
+from triplet.transforms import EvalTransform, TrainTransform
+
+
+def probe_machine(device):
+    """The device, the suite's automatic precision, and the matmul peak in each precision used."""
+    device = engine.resolve_device(device)
+    precision = engine.resolve_precision("auto", device)
+    dtypes = {"fp32": torch.float32}
+    if (torch.cuda.is_bf16_supported() if device.type == "cuda" else engine.cpu_has_bf16()):
+        dtypes["bf16"] = torch.bfloat16  # elsewhere bf16 is emulated: its matmul is no peak
+    peaks = {name: round(matmul_peak_gflops(device, dtype), 1) for name, dtype in dtypes.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "auto_precision": precision, "cpu_has_bf16": engine.cpu_has_bf16(), "matmul_peak_gflops": peaks}
+
+
+def step_speed(seconds, steps, batch_size):
+    return {"seconds": round(seconds, 3), "step_s": round(seconds / steps, 3),
+            "triplets_per_s": round(steps * batch_size / seconds, 3)}
+
+
+def _suite_model(device, backbone):
+    """A seeded model on ``device`` in channels_last, with cuDNN autotuning as scripts/train.py."""
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return build_model(backbone).to(device, memory_format=torch.channels_last)
+
+
+def training_speed(device, backbone, paths, labels, image_size, batch_size, warmup, steps, precision,
+                   compiled=False):
+    """Triplets/s of the suite's data path and training step with its defaults."""
+    device = torch.device(device)
+    model = _suite_model(device, backbone)
+    workers = engine.default_workers(device)
+    dataset = TripletCUBDataset(paths, labels, TrainTransform(image_size))
+    loader = engine.make_loader(dataset, device, workers, batch_size=batch_size, shuffle=True, drop_last=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    seconds = []
+    engine.train_one_epoch(engine.compile_model(model, device) if compiled else model,
+                           timed_batches(loader, warmup, steps, device, seconds), optimizer, device,
+                           precision, margin=1.0, progress=False)
+    return {"data": "prepared copy, torchvision.io + transforms v2", "precision": precision,
+            "memory_format": "channels_last, compiled" if compiled else "channels_last", "workers": workers,
+            **step_speed(seconds[0], steps, batch_size), **memory_report(device)}
+
+
+def embedding_speed(device, backbone, paths, labels, image_size, batch_size, precision):
+    """Images/s of evaluation embedding (``engine.embed``), after a warm-up batch."""
+    device = torch.device(device)
+    model = _suite_model(device, backbone).eval()
+    with torch.inference_mode(), engine.autocast(device, precision):  # warm-up: kernels, caches
+        model(engine.to_device(torch.zeros(min(batch_size, len(paths)), 3, image_size, image_size), device))
+    workers = engine.default_workers(device)
+    loader = engine.make_loader(ImageDataset(paths, labels, EvalTransform(image_size)), device, workers,
+                                batch_size=batch_size)
+    synchronize(device)
+    start = time.perf_counter()
+    engine.embed(model, loader, device, precision)  # returns NumPy: the device is done
+    seconds = time.perf_counter() - start
+    return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 2),
+            "precision": precision, "workers": workers, **memory_report(device)}
+
+
+def profile_training_step(device, backbone, image_size, batch_size, precision):
+    """Where the suite's training step spends its time, by operator, on random images.
+
+    Only the model's step is profiled (the loader is in the timed rows): one warm-up step, then
+    one under torch.profiler. The aten operators' self time (device time on CUDA) is grouped into
+    convolutions (forward and backward), batch norm, and the rest of the step's wall time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    model = _suite_model(device, backbone)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    anchors, positives, negatives = torch.randn(3, batch_size, 3, image_size, image_size).unbind()
+    batch = [(anchors, positives, negatives, torch.zeros(batch_size, dtype=torch.long))]
+    engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(((event.key, getattr(event, attribute) / 1e6) for event in profiler.key_averages()
+                  if event.key.startswith("aten::")), key=lambda op: -op[1])
+    conv = sum(t for name, t in ops if "conv" in name)
+    batch_norm = sum(t for name, t in ops if "batch_norm" in name)
+    return {"precision": precision, "step_s": round(seconds, 3),
+            "shares": {"convolution": round(conv / seconds, 3), "batch_norm": round(batch_norm / seconds, 3),
+                       "other": round(max(0.0, 1 - (conv + batch_norm) / seconds), 3)},
+            "conv_gflops": round(train_gflop_per_triplet(backbone, image_size) * batch_size / max(conv, 1e-9), 1),
+            "top_ops_s": [[name, round(t, 3)] for name, t in ops[:8]]}
