@@ -24,14 +24,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from triplet.benchmark import write_results
+from triplet.bench.timing import write_results
 from triplet.cli import check, run
-from triplet.engine import cpu_has_bf16, usable_cores
-from triplet.export import export_model, quantize_int8
-from triplet.inference import OnnxEmbedder
+from triplet.runtime import cpu_has_bf16, cpu_name, usable_cores
+from triplet.deploy.export import export_model, quantize_int8
+from triplet.deploy.inference import OnnxEmbedder
 from triplet.model import BACKBONES, EmbeddingNet
-from triplet.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
-from triplet.runs import cpu_name
+from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+
 
 
 @dataclass
@@ -178,7 +178,7 @@ def main(opts):
             settings.append(("PyTorch channels_last bf16 autocast", torch_runner(model, True, bf16=True)))
         else:
             notes.append("PyTorch bf16 autocast: not timed, this CPU has no AVX-512 bf16 or AMX "
-                         "(triplet.engine.cpu_has_bf16() is False), where bf16 is slower than fp32.")
+                         "(triplet.runtime.cpu_has_bf16() is False), where bf16 is slower than fp32.")
         settings += [("onnxruntime fp32", OnnxEmbedder(fp32_path, threads=threads).run),
                      ("onnxruntime INT8 (static QDQ, per-channel)", OnnxEmbedder(int8_path, threads=threads).run)]
         load_before = os.getloadavg()

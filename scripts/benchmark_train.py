@@ -10,12 +10,12 @@ the same batch, it times --steps training steps after --warmup steps of
 * the reference (``reference_train``, below): the study's pipeline as a newcomer would write it,
   PIL decoding of the original JPEGs on every access, torchvision v1 transforms, three forwards,
   fp32, ``nn.TripletMarginLoss``, Adam, a default DataLoader with 2 workers;
-* the suite (``triplet.speed.training_speed``): the prepared copy (short side --resize),
-  ``TrainTransform``, ``TripletCUBDataset``, ``engine.make_loader`` with ``engine.default_workers``
+* the suite (``triplet.bench.speed.training_speed``): the prepared copy (short side --resize),
+  ``TrainTransform``, ``TripletCUBDataset``, ``engine.make_loader`` with ``runtime.default_workers``
   and ``engine.train_one_epoch`` with ``--precision auto`` and channels_last, as
   ``scripts/train.py`` runs them;
 
-and the suite's evaluation embedding (``triplet.speed.embedding_speed`` of the prepared test
+and the suite's evaluation embedding (``triplet.bench.speed.embedding_speed`` of the prepared test
 images, repeated to --steps x --batch-size images). Each measurement runs in a fresh process, so the peak memory
 reported for it is its own (Linux VmHWM of the main process; CUDA: max_memory_allocated too).
 The two training paths alternate for --rounds rounds. On a shared machine whose speed drifts
@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from triplet.benchmark import (
+from triplet.bench.timing import (
     GMACS_224,
     forward_gflop,
     in_fresh_process,
@@ -53,12 +53,12 @@ from triplet.benchmark import (
     write_results,
 )
 from triplet.cli import check, run
-from triplet.cub_layout import ROOT
-from triplet.data import check_triplet_ready
+from triplet.data.layout import ROOT
+from triplet.data.datasets import check_triplet_ready
 from triplet.model import BACKBONES, build_model
-from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
-from triplet.speed import embedding_speed, probe_machine, profile_training_step, step_speed, training_speed
-from triplet.synthetic import make_synthetic_cub
+from triplet.data.prepare import DataOptions, prepare, prepared_dir, read_manifest
+from triplet.bench.speed import embedding_speed, probe_machine, profile_training_step, step_speed, training_speed
+from triplet.data.synthetic import make_synthetic_cub
 
 
 @dataclass

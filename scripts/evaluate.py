@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from triplet import engine, runs
+from triplet import engine, runs, runtime
 from triplet.checkpoint import model_from_checkpoint
 from triplet.cli import check, run
-from triplet.data import ImageDataset
+from triplet.data.datasets import ImageDataset
 from triplet.fileio import atomic_path, read_json, write_json
 from triplet.model import BACKBONES, build_model
-from triplet.prepare import DataOptions, prepared_dir, read_manifest, run_data_options
-from triplet.transforms import EvalTransform
+from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, run_data_options
+from triplet.data.transforms import EvalTransform
 
 
 @dataclass
@@ -70,11 +70,11 @@ def main(opts):
         runs.require_run_dir(run_dir, needs=None)
     model, options, info = load_model(opts, run_dir)
     data = run_data_options(options, opts.data_dir)
-    device = engine.resolve_device(opts.device)
-    precision = engine.resolve_precision(opts.precision, device)
-    workers = engine.default_workers(device) if opts.workers < 0 else opts.workers
+    device = runtime.resolve_device(opts.device)
+    precision = runtime.resolve_precision(opts.precision, device)
+    workers = runtime.default_workers(device) if opts.workers < 0 else opts.workers
     if not (run_dir / "config.json").exists():  # a new baseline folder: record how it was made
-        runs.write_config(run_dir, {"options": options, "environment": runs.environment(device, precision)})
+        runs.write_config(run_dir, {"options": options, "environment": runtime.environment(device, precision)})
     paths, labels = read_manifest(prepared_dir(data), "test")
     dataset = ImageDataset(paths, labels, EvalTransform(options["image_size"]))
     model.to(device, memory_format=torch.channels_last)

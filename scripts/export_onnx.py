@@ -6,7 +6,7 @@
 
 The model takes ``images`` (float32 N x 3 x S x S, normalised as in evaluation) and returns
 ``embeddings`` (N x D, L2-normalised); its metadata says how to preprocess, so
-``triplet.inference.OnnxEmbedder`` and scripts/search.py need nothing else. An export that
+``triplet.deploy.inference.OnnxEmbedder`` and scripts/search.py need nothing else. An export that
 disagrees with torch, or an INT8 model that loses more than --max-drop points of test
 Precision@1, is kept aside as *.rejected.onnx and the exit status is non-zero.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from triplet.cli import check, run
-from triplet.export import best_run, export_run
+from triplet.deploy.export import best_run, export_run
 
 
 @dataclass

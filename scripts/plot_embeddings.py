@@ -11,7 +11,7 @@ baseline, which has no history).
 from dataclasses import dataclass, field
 
 from triplet.cli import check, run
-from triplet.plots import MAX_HIGHLIGHT, plot_run
+from triplet.reporting.plots import MAX_HIGHLIGHT, plot_run
 
 
 @dataclass

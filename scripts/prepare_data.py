@@ -8,10 +8,10 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from triplet import cub
+from triplet.data import cub
 from triplet.cli import check, run
-from triplet.fileio import UserError
-from triplet.prepare import DataOptions, prepare
+from triplet.errors import UserError
+from triplet.data.prepare import DataOptions, prepare
 
 
 @dataclass
@@ -45,8 +45,8 @@ class Options(DataOptions):
 def main(opts):
     data_dir = Path(opts.data_dir)
     if opts.synthetic or opts.digits:
-        from triplet import synthetic
-        from triplet.cub_layout import pack_archive
+        from triplet.data import synthetic
+        from triplet.data.layout import pack_archive
         if opts.digits:
             root = synthetic.make_digits_cub(data_dir, opts.image_size, opts.seed)
             print(f"wrote scikit-learn's handwritten digits in the CUB-200-2011 layout to {root}")

@@ -10,7 +10,7 @@ results/onnx_benchmark.md and results/train_benchmark.md are included when prese
 from dataclasses import dataclass, field
 
 from triplet.cli import check, run
-from triplet.report import write_report
+from triplet.reporting.report import write_report
 
 
 @dataclass

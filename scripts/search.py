@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from triplet.cli import check, run
-from triplet.inference import OnnxEmbedder, gallery_embeddings, nearest
+from triplet.deploy.inference import OnnxEmbedder, gallery_embeddings, nearest
 
 
 @dataclass

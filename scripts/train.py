@@ -16,16 +16,16 @@ from pathlib import Path
 import torch
 
 from triplet import distributed as dist
-from triplet import engine, runs
+from triplet import engine, runs, runtime
 from triplet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from triplet.cli import check, run
-from triplet.data import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
-from triplet.fileio import UserError
+from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
+from triplet.errors import UserError
 from triplet.mining import get_miner
 from triplet.model import BACKBONES, build_model
-from triplet.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
 from triplet.seeding import seed_everything
-from triplet.transforms import CachedTrainTransform, EvalTransform, TrainTransform
+from triplet.data.transforms import CachedTrainTransform, EvalTransform, TrainTransform
 
 
 @dataclass
@@ -113,8 +113,8 @@ def format_row(row, epochs, improved):
 
 def main(opts):
     dist.init_distributed()
-    device = engine.resolve_device(opts.device)
-    precision = engine.resolve_precision(opts.precision, device)
+    device = runtime.resolve_device(opts.device)
+    precision = runtime.resolve_precision(opts.precision, device)
     seed_everything(opts.seed, deterministic=opts.deterministic)
     if device.type == "cuda" and not opts.deterministic:
         torch.backends.cudnn.benchmark = True
@@ -136,7 +136,7 @@ def main(opts):
     train_paths, train_labels = read_manifest(prepared, "train")
     val_paths, val_labels = read_manifest(prepared, "val")
     check_triplet_ready(train_labels, f"training split of {prepared}")
-    workers = engine.default_workers(device) if opts.workers < 0 else opts.workers
+    workers = runtime.default_workers(device) if opts.workers < 0 else opts.workers
     workers = 0 if opts.gpu_cache else workers
     train_loader, epoch_aware = make_train_loader(opts, train_paths, train_labels, device, workers)
     if len(train_loader) == 0:
@@ -164,7 +164,7 @@ def main(opts):
     if dist.is_distributed():
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if opts.compile:
-        net = engine.compile_model(net, device)
+        net = runtime.compile_model(net, device)
     if dist.is_main():
         runs.write_config(run_dir, config)
     log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "

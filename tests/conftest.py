@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from triplet.cli import run
-from triplet.prepare import DataOptions, prepare
-from triplet.synthetic import make_synthetic_cub
+from triplet.data.prepare import DataOptions, prepare
+from triplet.data.synthetic import make_synthetic_cub
 
 ROOT = Path(__file__).resolve().parents[1]
 

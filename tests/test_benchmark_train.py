@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_script
-from triplet.benchmark import forward_gflop, timed_batches, train_gflop_per_triplet
+from triplet.bench.timing import forward_gflop, timed_batches, train_gflop_per_triplet
 from triplet.cli import parse
-from triplet.fileio import UserError
+from triplet.errors import UserError
 
 
 def test_benchmark_train_tiny(tmp_path):

@@ -5,10 +5,10 @@ import tarfile
 import pytest
 
 from tests.conftest import run_script
-from triplet import cub
-from triplet.cub_layout import pack_archive
-from triplet.fileio import UserError
-from triplet.prepare import DataOptions, prepare, prepared_dir, read_manifest
+from triplet.data import cub
+from triplet.data.layout import pack_archive
+from triplet.errors import UserError
+from triplet.data.prepare import DataOptions, prepare, prepared_dir, read_manifest
 
 
 def test_metadata_of_the_synthetic_set_is_consistent(synthetic_root):

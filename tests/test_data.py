@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from triplet.data import ImageDataset, PKSampler, TripletCUBDataset, draw_triplets, fixed_triplets
-from triplet.fileio import UserError
-from triplet.prepare import DataOptions, prepared_dir, read_manifest
-from triplet.transforms import EvalTransform, TrainTransform, load_image, resize_size_for
+from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, draw_triplets, fixed_triplets
+from triplet.errors import UserError
+from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.data.transforms import EvalTransform, TrainTransform, load_image, resize_size_for
 
 LABELS = [1] * 5 + [2] * 3 + [3] * 2 + [7] * 6
 

@@ -1,4 +1,4 @@
-"""ONNX export (scripts/export_onnx.py, triplet.export) and the inference benchmark, on the tiny run."""
+"""ONNX export (scripts/export_onnx.py, triplet.deploy.export) and the inference benchmark, on the tiny run."""
 import json
 import os
 import shutil
@@ -10,10 +10,11 @@ import torch
 
 from tests.conftest import call_script
 from triplet.checkpoint import model_from_checkpoint
-from triplet.export import OPSET, best_run, verify
-from triplet.fileio import UserError, read_json, write_json
-from triplet.inference import OnnxEmbedder, decode_metadata
-from triplet.prepare import prepared_dir, read_manifest, run_data_options
+from triplet.deploy.export import OPSET, best_run, verify
+from triplet.errors import UserError
+from triplet.fileio import read_json, write_json
+from triplet.deploy.inference import OnnxEmbedder, decode_metadata
+from triplet.data.prepare import prepared_dir, read_manifest, run_data_options
 
 
 def split_paths(run_dir, split="test"):
@@ -104,7 +105,7 @@ def test_int8_refused_when_the_drop_is_too_large(tiny_run, tmp_path):
     status, output = call_script("export_onnx", "--run", tiny_run, "--out", out, "--int8", "--calibration-images",
                                  8, "--max-drop", -100, "--verify-images", 4)
     error = output.strip().splitlines()[-1]
-    assert status == 2 and "error:" in error and "more than --max-drop" in error and "kept aside" in error
+    assert status == 3 and "error:" in error and "more than --max-drop" in error and "kept aside" in error
     assert out.is_file() and (tmp_path / "m.int8.rejected.onnx").is_file()
     assert not (tmp_path / "m.int8.onnx").exists()
 

@@ -12,11 +12,12 @@ from PIL import Image
 
 from tests.conftest import run_script
 from triplet.checkpoint import model_from_checkpoint
-from triplet.export import export_model, run_metadata
-from triplet.fileio import UserError, read_json
-from triplet.inference import OnnxEmbedder, nearest
-from triplet.prepare import prepared_dir, read_manifest, run_data_options
-from triplet.transforms import EvalTransform
+from triplet.deploy.export import export_model, run_metadata
+from triplet.errors import UserError
+from triplet.fileio import read_json
+from triplet.deploy.inference import OnnxEmbedder, nearest
+from triplet.data.prepare import prepared_dir, read_manifest, run_data_options
+from triplet.data.transforms import EvalTransform
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_embeddings_match_torch(model_path, tiny_run, images):
 
 def test_import_and_embed_without_torch(model_path, images):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-            "from triplet.inference import OnnxEmbedder\n"
+            "from triplet.deploy.inference import OnnxEmbedder\n"
             f"print(OnnxEmbedder({str(model_path)!r}).embed([{images[0]!r}]).shape)\n"
             "assert not any(m.startswith('torch') and sys.modules[m] is not None for m in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

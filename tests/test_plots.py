@@ -1,4 +1,4 @@
-"""plot_embeddings.py and triplet.plots: the three figures, the PCA path, the one-line errors."""
+"""plot_embeddings.py and triplet.reporting.plots: the three figures, the PCA path, the one-line errors."""
 import shutil
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
-from triplet import plots
+from triplet.reporting import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""report.py and triplet.report / triplet.study: REPORT.md beside the study's published numbers."""
+"""report.py and triplet.reporting.report / triplet.reporting.study: REPORT.md beside the study's published numbers."""
 import dataclasses
 import importlib.util
 import json
@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tests.conftest import ROOT, run_script
-from triplet import report, study
+from triplet.reporting import report, study
 from triplet.cli import parse
 
 

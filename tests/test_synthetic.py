@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from triplet.cub import md5sum
-from triplet.cub_layout import pack_archive
-from triplet.fileio import UserError
-from triplet.synthetic import MAX_CLASSES, class_name, class_spec, image_shape, make_synthetic_cub
+from triplet.data.cub import md5sum
+from triplet.data.layout import pack_archive
+from triplet.errors import UserError
+from triplet.data.synthetic import MAX_CLASSES, class_name, class_spec, image_shape, make_synthetic_cub
 
 CLASSES, PER_CLASS, SIZE = 5, 6, 32
 
@@ -206,8 +206,8 @@ def test_image_shape_matches_cub_photos():
 
 
 def test_digits_are_real_images_in_the_cub_layout(tmp_path):
-    from triplet.cub import make_splits, read_metadata
-    from triplet.synthetic import make_digits_cub
+    from triplet.data.cub import make_splits, read_metadata
+    from triplet.data.synthetic import make_digits_cub
 
     root = make_digits_cub(tmp_path, image_size=16)
     records = read_metadata(root)

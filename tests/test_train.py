@@ -14,11 +14,13 @@ import torch
 
 from tests.conftest import ROOT, call_script, run_script
 from triplet.checkpoint import load_checkpoint, model_from_checkpoint
-from triplet.engine import NonFiniteLoss, compile_model, embed, make_loader, train_one_epoch
-from triplet.fileio import UserError, write_json
-from triplet.prepare import DataOptions, prepare
+from triplet.engine import NonFiniteLoss, embed, make_loader, train_one_epoch
+from triplet.runtime import compile_model
+from triplet.errors import UserError
+from triplet.fileio import write_json
+from triplet.data.prepare import DataOptions, prepare
 from triplet.runs import claim_run_dir
-from triplet.synthetic import make_synthetic_cub
+from triplet.data.synthetic import make_synthetic_cub
 
 METRIC_KEYS = ["loss", "triplet_accuracy", "cos_sim_ap", "cos_sim_an", "precision_at_1", "precision_at_5",
                "precision_at_10", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
@@ -76,8 +78,8 @@ def test_run_folder_and_checkpoint_round_trip(tiny_run):
     # The model rebuilt from the checkpoint alone reproduces the saved test embeddings.
     model, _ = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
     saved = np.load(tiny_run / "test_embeddings.npz")
-    from triplet.data import ImageDataset
-    from triplet.transforms import EvalTransform
+    from triplet.data.datasets import ImageDataset
+    from triplet.data.transforms import EvalTransform
     loader = make_loader(ImageDataset(saved["paths"][:8], saved["labels"][:8], EvalTransform(32)),
                          torch.device("cpu"), 0, batch_size=8)
     embeddings, labels = embed(model, loader, torch.device("cpu"), "fp32")

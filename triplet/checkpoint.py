@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from triplet.fileio import UserError, atomic_path
+from triplet.errors import UserError
+from triplet.fileio import atomic_path
 from triplet.model import EmbeddingNet
 
 REQUIRED_KEYS = ("model", "epoch", "model_args")
@@ -26,7 +27,7 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise UserError(f"{path}: not a triplet checkpoint (needs the keys {', '.join(REQUIRED_KEYS)})")
     return checkpoint
@@ -38,7 +39,7 @@ def load_model_state(model, state, source):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{source}: weights do not fit this model (another backbone or embedding "
-                        f"size?): {str(e).splitlines()[0]}") from None
+                        f"size?): {str(e).splitlines()[0]}") from e
 
 
 def model_from_checkpoint(path):

@@ -2,8 +2,9 @@
 
 Every script is ``run(main, Options, __doc__)``: options are parsed from a dataclass with
 argparse-dataclass, a ``UserError`` (or a bad option caught in ``__post_init__``) prints one
-line naming the problem and exits with status 2, Ctrl-C exits 130, and ``--debug`` shows the
-full traceback instead.
+line naming the problem and exits with its status (``triplet.errors``: 2 for usage and input
+errors, 3 for a refused quality gate), Ctrl-C exits 130, and ``--debug`` shows the full
+traceback, the original cause included, instead.
 """
 import argparse
 import dataclasses
@@ -13,7 +14,7 @@ import sys
 
 from argparse_dataclass import ArgumentParser
 
-from triplet.fileio import UserError
+from triplet.errors import EXIT_INTERRUPTED, UserError
 
 
 def build_parser(options_class, description=None):
@@ -40,7 +41,7 @@ def parse(options_class, argv=None, description=None):
     try:
         return options_class(**kwargs), debug
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(str(e)) from e
 
 
 def _raise_interrupt(signum, frame):
@@ -59,12 +60,12 @@ def run(main, options_class, description=None, argv=None):
         if debug:
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     sys.exit(result or 0)
 
 

@@ -5,7 +5,6 @@ is the default (``--precision auto``; reported at 2.7x the fp32 training through
 AVX-512-bf16 EPYC). On CPUs without it (AVX2 only), bf16 is emulated and 2.6-9x *slower*
 than fp32, so auto keeps fp32 there.
 """
-import os
 import random
 
 import numpy as np
@@ -13,57 +12,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from triplet import distributed as dist
-from triplet.data import fixed_triplets
-from triplet.fileio import UserError
+from triplet.data.datasets import fixed_triplets
+from triplet.errors import UserError
+from triplet.runtime import autocast
 from triplet.losses import triplet_loss
 from triplet.metrics import retrieval_metrics, triplet_metrics
-
-
-def resolve_device(name="auto"):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available; use --device auto or cpu")
-    return torch.device("cuda", dist.local_rank()) if name == "cuda" else torch.device(name)
-
-
-def cpu_has_bf16():
-    """AVX-512 bf16 (or AMX): where bf16 autocast is faster than fp32 on a CPU."""
-    try:
-        return bool(torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
-def resolve_precision(precision, device):
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
-def autocast(device, precision):
-    enabled = precision == "bf16" and device.type in ("cuda", "cpu")
-    return torch.autocast(device.type if enabled else "cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
-def usable_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def default_workers(device):
-    """CPU: one worker decodes while the main process computes; more only steal its cores."""
-    cores = usable_cores()
-    if device.type == "cuda":
-        return max(1, min(8, cores // max(1, dist.world_size()) - 1))
-    return 1 if cores > 1 else 0
 
 
 def _seed_worker(worker_id):
@@ -81,16 +34,6 @@ def make_loader(dataset, device, workers, batch_size=None, batch_sampler=None, s
     return DataLoader(dataset, **batching, num_workers=workers, pin_memory=pin_memory and device.type == "cuda",
                       prefetch_factor=4 if workers > 0 else None, worker_init_fn=_seed_worker,
                       generator=generator)
-
-
-def compile_model(model, device):
-    """torch.compile; on a CPU with one compile thread (measured: parallel compile workers make it
-    2x slower on a 2-core CPU). There compiled fp32 training was within the noise of eager
-    (8.96 against 8.85 and 8.73 against 9.28 s per ResNet18 step at 224), so it stays optional.
-    """
-    if device.type == "cpu":
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-    return torch.compile(model)
 
 
 def to_device(images, device):

@@ -10,9 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-class UserError(Exception):
-    """A failure the user can fix; scripts print it as one line and exit non-zero."""
+from triplet.errors import UserError
 
 
 @contextlib.contextmanager
@@ -47,10 +45,10 @@ def read_json(path):
     path = Path(path)
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: file not found") from e
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+        raise UserError(f"{path}: not valid JSON ({e})") from e
 
 
 def write_csv(path, rows, fieldnames):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from triplet.fileio import UserError
+from triplet.errors import UserError
 
 BACKBONES = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
@@ -44,7 +44,7 @@ def imagenet_state_dict(backbone):
         raise UserError(
             f"could not get the ImageNet weights for {backbone} ({e}); download {weights.url} and put "
             f"it at {cached}, or pass --weights PATH (a local state dict) or --weights none (random "
-            f"init)") from None
+            f"init)") from e
 
 
 def load_state_dict_file(path):
@@ -54,7 +54,7 @@ def load_state_dict_file(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--weights {path}: not a loadable weights file ({e})") from None
+        raise UserError(f"--weights {path}: not a loadable weights file ({e})") from e
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UserError(f"--weights {path}: holds no state dict")

@@ -4,11 +4,10 @@ A run folder is never silently overwritten: ``claim_run_dir`` refuses a folder t
 run unless the user asked to resume it (same configuration) or to overwrite it (``--force``).
 """
 import dataclasses
-import platform
-import subprocess
 from pathlib import Path
 
-from triplet.fileio import UserError, read_json, write_csv, write_json
+from triplet.errors import UserError
+from triplet.fileio import read_json, write_csv, write_json
 
 HISTORY_FIELDS = ["epoch", "train_loss", "active_triplets", "val_loss", "val_triplet_accuracy",
                   "val_precision_at_1", "lr", "seconds"]
@@ -19,35 +18,9 @@ RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_bes
              "tsne.png", "pca.png", "retrieval.png"]
 
 
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def cpu_name():
-    """The processor's marketing name ("AMD EPYC"): platform.processor() is empty on Linux."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def environment(device, precision, world_size=1):
-    import torch  # here, not at the top: plots and reports read run folders without torch
-    import torchvision
-
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "precision": precision, "world_size": world_size}
-
-
 def make_config(options, device, precision, world_size=1):
+    from triplet.runtime import environment  # here: reports read run folders without torch
+
     return {"options": dataclasses.asdict(options), "environment": environment(device, precision, world_size)}
 
 

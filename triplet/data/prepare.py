@@ -12,8 +12,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from triplet import cub
-from triplet.fileio import UserError, atomic_path, read_csv, read_json, write_csv, write_json
+from triplet.data import cub
+from triplet.errors import UserError
+from triplet.fileio import atomic_path, read_csv, read_json, write_csv, write_json
 
 MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
 SPLITS = ("train", "val", "test")
@@ -70,7 +71,7 @@ def _prepare_image(source, target, resize, bbox):
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{source}: not a readable image ({e}); replace or remove it") from None
+        raise UserError(f"{source}: not a readable image ({e}); replace or remove it") from e
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         image.save(tmp, format="JPEG", quality=95)

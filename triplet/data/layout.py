@@ -13,8 +13,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from triplet.cub import md5sum
-from triplet.fileio import UserError, atomic_path
+from triplet.data.cub import md5sum
+from triplet.errors import UserError
+from triplet.fileio import atomic_path
 
 ROOT = "CUB_200_2011"
 README_MARKER = "SYNTHETIC CUB-200-2011"

@@ -3,7 +3,7 @@
 No torch here, on purpose: a service that embeds bird photos should not need a 1 GB training
 stack. The model file carries everything needed besides its weights (backbone, embedding size,
 input size, resize size, mean, std, source run) as JSON-encoded ``metadata_props``, and the
-preprocessing is ``triplet.preprocess.preprocess``, the very function the torch evaluation
+preprocessing is ``triplet.deploy.preprocess.preprocess``, the very function the torch evaluation
 transform calls, so deployed embeddings match evaluation by construction.
 
 Also here: the cached gallery embeddings and nearest-neighbour lookup behind scripts/search.py.
@@ -17,8 +17,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from triplet.fileio import UserError, atomic_path
-from triplet.preprocess import list_images, open_rgb, preprocess
+from triplet.errors import UserError
+from triplet.fileio import atomic_path
+from triplet.deploy.preprocess import list_images, open_rgb, preprocess
 
 FORMAT = "triplet-embedding-onnx/1"
 REQUIRED_METADATA = ("backbone", "embedding_dim", "image_size", "resize_size", "mean", "std")
@@ -37,7 +38,7 @@ def decode_metadata(props, source):
     try:
         return {"format": FORMAT, **{k: json.loads(v) for k, v in props.items() if k != "format"}}
     except json.JSONDecodeError as e:
-        raise UserError(f"{source}: damaged triplet metadata ({e})") from None
+        raise UserError(f"{source}: damaged triplet metadata ({e})") from e
 
 
 def _first_line(error):
@@ -59,7 +60,7 @@ class OnnxEmbedder:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise UserError(f"{self.path}: not a loadable ONNX model ({_first_line(e)})") from None
+            raise UserError(f"{self.path}: not a loadable ONNX model ({_first_line(e)})") from e
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.metadata["image_size"])

@@ -15,7 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
-from triplet.fileio import UserError, atomic_path, read_csv, read_json
+from triplet.errors import UserError
+from triplet.fileio import atomic_path, read_csv, read_json
 from triplet.runs import require_run_dir
 
 DPI = 100
@@ -34,7 +35,7 @@ def load_embeddings(run_dir):
             embeddings, labels = data["embeddings"].astype(np.float32), data["labels"]
             paths = data["paths"].astype(str) if "paths" in data else np.array([""] * len(labels))
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: unreadable ({e}); re-run python scripts/evaluate.py --run {run_dir}") from None
+        raise UserError(f"{path}: unreadable ({e}); re-run python scripts/evaluate.py --run {run_dir}") from e
     if len(labels) < 2:
         raise UserError(f"{path}: holds {len(labels)} embedding(s); need at least 2 to plot")
     return embeddings, labels, paths

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from triplet.fileio import UserError
+from triplet.errors import UserError
 
 CUB_ARCHIVE = "CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -112,7 +112,7 @@ def safe_extract(archive, data_dir):
                 tar.extractall(staging, members=members, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
             raise UserError(f"{archive}: not a readable gzip tar archive ({e}); "
-                            f"download it again") from None
+                            f"download it again") from e
         extracted = staging / "CUB_200_2011"
         if not extracted.is_dir():
             raise UserError(f"{archive}: has no CUB_200_2011/ folder; is it the CUB-200-2011 archive?")
@@ -150,7 +150,7 @@ def _read_table(path, columns, convert):
                 raise ValueError(f"expected {columns} fields, found {len(fields)}")
             key, value = int(fields[0]), convert(fields[1:])
         except ValueError as e:
-            raise UserError(f"{path}:{number}: malformed line {line!r} ({e})") from None
+            raise UserError(f"{path}:{number}: malformed line {line!r} ({e})") from e
         if key in rows:
             raise UserError(f"{path}:{number}: id {key} appears twice")
         rows[key] = value

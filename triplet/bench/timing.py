@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from triplet.fileio import UserError, write_json, write_text
+from triplet.errors import UserError
+from triplet.fileio import write_json, write_text
 
 # Forward GMACs (multiply-adds) per 224x224 image, as torchvision documents them.
 GMACS_224 = {"resnet18": 1.81, "resnet34": 3.66}
@@ -62,10 +63,10 @@ def in_fresh_process(function, **kwargs):
     send.close()
     try:
         outcome, value = receive.recv()
-    except EOFError:
+    except EOFError as e:
         process.join()
         raise UserError(f"the {function.__name__} measurement died (exit code {process.exitcode}); "
-                        f"out of memory? try a smaller --batch-size or --image-size") from None
+                        f"out of memory? try a smaller --batch-size or --image-size") from e
     except BaseException:  # Ctrl-C: don't leave the measurement running
         process.terminate()
         process.join()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from triplet.fileio import UserError
+from triplet.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +29,7 @@ def open_rgb(source):
         with Image.open(source) as image:
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"{source}: not a readable image ({e})") from None
+        raise UserError(f"{source}: not a readable image ({e})") from e
 
 
 def preprocess(image, image_size, resize_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):

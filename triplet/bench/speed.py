@@ -1,32 +1,32 @@
 """The suite's own speed, measured the way ``scripts/train.py`` and ``scripts/evaluate.py`` run.
 
 Each function builds its model and data path from scratch and is meant to run in a fresh
-process (``triplet.benchmark.in_fresh_process``), so its memory peak is its own. The
+process (``triplet.bench.timing.in_fresh_process``), so its memory peak is its own. The
 straightforward reference these are compared with lives in ``scripts/benchmark_train.py``.
 """
 import time
 
 import torch
 
-from triplet import engine
-from triplet.benchmark import matmul_peak_gflops, memory_report, synchronize, timed_batches, train_gflop_per_triplet
-from triplet.data import ImageDataset, TripletCUBDataset
+from triplet import engine, runtime
+from triplet.bench.timing import matmul_peak_gflops, memory_report, synchronize, timed_batches, train_gflop_per_triplet
+from triplet.data.datasets import ImageDataset, TripletCUBDataset
 from triplet.model import build_model
-from triplet.runs import cpu_name
-from triplet.transforms import EvalTransform, TrainTransform
+
+from triplet.data.transforms import EvalTransform, TrainTransform
 
 
 def probe_machine(device):
     """The device, the suite's automatic precision, and the matmul peak in each precision used."""
-    device = engine.resolve_device(device)
-    precision = engine.resolve_precision("auto", device)
+    device = runtime.resolve_device(device)
+    precision = runtime.resolve_precision("auto", device)
     dtypes = {"fp32": torch.float32}
-    if (torch.cuda.is_bf16_supported() if device.type == "cuda" else engine.cpu_has_bf16()):
+    if (torch.cuda.is_bf16_supported() if device.type == "cuda" else runtime.cpu_has_bf16()):
         dtypes["bf16"] = torch.bfloat16  # elsewhere bf16 is emulated: its matmul is no peak
     peaks = {name: round(matmul_peak_gflops(device, dtype), 1) for name, dtype in dtypes.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else runtime.cpu_name()
     return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "auto_precision": precision, "cpu_has_bf16": engine.cpu_has_bf16(), "matmul_peak_gflops": peaks}
+            "auto_precision": precision, "cpu_has_bf16": runtime.cpu_has_bf16(), "matmul_peak_gflops": peaks}
 
 
 def step_speed(seconds, steps, batch_size):
@@ -47,12 +47,12 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
     """Triplets/s of the suite's data path and training step with its defaults."""
     device = torch.device(device)
     model = _suite_model(device, backbone)
-    workers = engine.default_workers(device)
+    workers = runtime.default_workers(device)
     dataset = TripletCUBDataset(paths, labels, TrainTransform(image_size))
     loader = engine.make_loader(dataset, device, workers, batch_size=batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     seconds = []
-    engine.train_one_epoch(engine.compile_model(model, device) if compiled else model,
+    engine.train_one_epoch(runtime.compile_model(model, device) if compiled else model,
                            timed_batches(loader, warmup, steps, device, seconds), optimizer, device,
                            precision, margin=1.0, progress=False)
     return {"data": "prepared copy, torchvision.io + transforms v2", "precision": precision,
@@ -64,9 +64,9 @@ def embedding_speed(device, backbone, paths, labels, image_size, batch_size, pre
     """Images/s of evaluation embedding (``engine.embed``), after a warm-up batch."""
     device = torch.device(device)
     model = _suite_model(device, backbone).eval()
-    with torch.inference_mode(), engine.autocast(device, precision):  # warm-up: kernels, caches
+    with torch.inference_mode(), runtime.autocast(device, precision):  # warm-up: kernels, caches
         model(engine.to_device(torch.zeros(min(batch_size, len(paths)), 3, image_size, image_size), device))
-    workers = engine.default_workers(device)
+    workers = runtime.default_workers(device)
     loader = engine.make_loader(ImageDataset(paths, labels, EvalTransform(image_size)), device, workers,
                                 batch_size=batch_size)
     synchronize(device)

@@ -2,7 +2,7 @@
 
 Training decodes with ``torchvision.io`` and augments uint8 tensors with transforms v2 (about
 1.7x faster than PIL + transforms v1 on the 2-core development CPU). Evaluation calls the
-torch-free ``triplet.preprocess.preprocess`` so the deployed ONNX embedder sees exactly the
+torch-free ``triplet.deploy.preprocess.preprocess`` so the deployed ONNX embedder sees exactly the
 same input. Both are small callable classes so DataLoader workers can pickle them.
 """
 import warnings
@@ -11,7 +11,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from triplet.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_rgb, preprocess, resize_size_for
+from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_rgb, preprocess, resize_size_for
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, an extra native dependency;
 # they still work and are the fastest measured here, so keep them and silence the notice.

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from triplet.fileio import UserError
+from triplet.errors import UserError
 
 
 def _class_index(labels):

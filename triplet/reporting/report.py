@@ -4,15 +4,16 @@ The report is rebuilt from the run folders alone (metrics.json, config.json, the
 can never drift from the results: a summary table ranked by test Precision@1, then one section
 per run with the study's metrics side by side, our extra retrieval metrics, links to the figures
 and the exact commands that made the run. A folder named ``exp{1-6}-{backbone}`` is matched to
-the study's table for that experiment and backbone (``triplet.study``); any other name is ours.
+the study's table for that experiment and backbone (``triplet.reporting.study``); any other name is ours.
 """
 import re
 import shlex
 from pathlib import Path
 from urllib.parse import quote
 
-from triplet import study
-from triplet.fileio import UserError, read_json, write_text
+from triplet.reporting import study
+from triplet.errors import UserError
+from triplet.fileio import read_json, write_text
 from triplet.runs import find_runs
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.

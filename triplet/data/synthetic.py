@@ -3,12 +3,12 @@
 Each class is a unique (shape, two-colour palette, texture) combination; instances vary in
 rotation, scale, position, background, distractor blobs, brightness and pixel noise.
 ``make_digits_cub`` writes scikit-learn's real handwritten digits in the same layout.
-``triplet.cub_layout`` writes the folders and packs them into a ``CUB_200_2011.tgz`` look-alike.
+``triplet.data.layout`` writes the folders and packs them into a ``CUB_200_2011.tgz`` look-alike.
 """
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from triplet.cub_layout import write_cub
+from triplet.data.layout import write_cub
 
 SHAPES = ("Circle", "Square", "Triangle", "Star", "Cross", "Ring", "Diamond", "Crescent")
 TEXTURES = ("Plain", "Stripes", "Dots", "Checks", "Gradient")
@@ -177,7 +177,7 @@ def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0
                 img, box = render(k, np.random.default_rng([seed, k, i]), image_size)
                 yield k, i, img.convert("L") if k * per_class + i in gray else img, i in train, box
 
-    readme = ["Made by triplet.synthetic.make_synthetic_cub(classes={}, per_class={}, image_size={}, "
+    readme = ["Made by triplet.data.synthetic.make_synthetic_cub(classes={}, per_class={}, image_size={}, "
               "seed={}, grayscale_fraction={}, train_fraction={}).".format(
                   classes, per_class, image_size, seed, grayscale_fraction, train_fraction),
               "Same layout as CUB_200_2011 (no attributes/ or parts/). Each class is a shape, a "
@@ -206,5 +206,5 @@ def make_digits_cub(data_dir, image_size=32, seed=0, train_fraction=0.5):
                 img = Image.fromarray(pixels, "L").resize((image_size, image_size), Image.Resampling.BILINEAR)
                 yield k, i, img, i in train, (0.0, 0.0, float(image_size), float(image_size))
 
-    return write_cub(data_dir, names, items(), ["Made by triplet.synthetic.make_digits_cub: scikit-learn's "
+    return write_cub(data_dir, names, items(), ["Made by triplet.data.synthetic.make_digits_cub: scikit-learn's "
                                                  "handwritten digits (real 8x8 scans), upscaled."])

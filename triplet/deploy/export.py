@@ -17,13 +17,14 @@ import onnx
 import torch
 
 from triplet.checkpoint import model_from_checkpoint
-from triplet.fileio import UserError, atomic_path, read_json
-from triplet.inference import OnnxEmbedder, encode_metadata
+from triplet.errors import QualityGateError, UserError
+from triplet.fileio import atomic_path, read_json
+from triplet.deploy.inference import OnnxEmbedder, encode_metadata
 from triplet.metrics import retrieval_metrics
-from triplet.prepare import prepared_dir, read_manifest, run_data_options
-from triplet.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
+from triplet.data.prepare import prepared_dir, read_manifest, run_data_options
+from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 from triplet.runs import find_runs, require_run_dir
-from triplet.transforms import EvalTransform
+from triplet.data.transforms import EvalTransform
 
 OPSET = 17
 MAX_ABS_DIFF = 1e-4
@@ -202,7 +203,7 @@ def export_run(run_dir, out, int8=False, calibration_images=300, max_drop=1.0, v
         try:
             check = verify(model, tmp, sample(test_paths, verify_images))
         except UserError as e:
-            raise UserError(f"{e}; kept aside as {_keep_aside(tmp, out)}") from None
+            raise QualityGateError(f"{e}; kept aside as {_keep_aside(tmp, out)}") from e
     log(f"wrote {out}: {check['images']} test images agree with torch (max |difference| "
         f"{check['max_abs_diff']:.2g}, lowest cosine {check['min_cosine']:.6f})")
     int8_out = out.with_name(out.name.removesuffix(".onnx") + ".int8.onnx")
@@ -227,7 +228,7 @@ def export_run(run_dir, out, int8=False, calibration_images=300, max_drop=1.0, v
         if drop > max_drop:
             int8_out.unlink(missing_ok=True)  # an older INT8 model no longer matches this fp32 one
             rejected = _keep_aside(tmp, int8_out)
-            raise UserError(f"{int8_out}: INT8 loses {drop:.2f} points of test Precision@1 ({p_fp32:.2f} -> "
+            raise QualityGateError(f"{int8_out}: INT8 loses {drop:.2f} points of test Precision@1 ({p_fp32:.2f} -> "
                             f"{p_int8:.2f}), more than --max-drop {max_drop:g}; kept aside as {rejected}, "
                             f"deploy the fp32 model {out}")
     log(f"wrote {int8_out}")

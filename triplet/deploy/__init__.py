@@ -1,0 +1,1 @@
+"""Deployment: torch-free preprocessing, nearest neighbours and the ONNX embedder; ``export`` (torch) writes the model."""

@@ -1,0 +1,1 @@
+"""Reading run folders into figures and REPORT.md; torch-free."""
