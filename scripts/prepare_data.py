@@ -12,6 +12,7 @@ from triplet.data import cub
 from triplet.cli import check, run
 from triplet.errors import UserError
 from triplet.data.prepare import DataOptions, prepare
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -22,6 +23,12 @@ class Options(DataOptions):
         "help": "expected MD5 of the archive; change it only for an archive you built yourself"})
     no_download: bool = field(default=False, metadata={
         "help": "fail instead of downloading when the dataset is absent"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse an image with more pixels than this (a decompression bomb); 64 million passes 50-megapixel photos"})
+    max_members: int = field(default=cub.MAX_MEMBERS, metadata={
+        "help": "refuse an archive with more members than this (the CUB archive has about 12,000)"})
+    max_extract_gb: float = field(default=cub.MAX_EXTRACT_BYTES / 1e9, metadata={
+        "help": "refuse an archive that unpacks to more gigabytes than this (the CUB archive: about 1.2)"})
     workers: int = field(default=0, metadata={"help": "processes that decode images (0: one per core, at most 8)"})
     synthetic: bool = field(default=False, metadata={
         "help": "write a synthetic dataset in the exact CUB_200_2011 layout instead (no network)"})
@@ -39,6 +46,9 @@ class Options(DataOptions):
         check(self.resize >= 8, "--resize must be at least 8 pixels")
         check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
         check(self.workers >= 0, "--workers must be >= 0")
+        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
+        check(self.max_members >= 1, f"--max-members {self.max_members}: must be >= 1")
+        check(self.max_extract_gb > 0, f"--max-extract-gb {self.max_extract_gb}: must be > 0")
         check(not (self.synthetic and self.digits), "--synthetic and --digits: pick one")
 
 
@@ -70,8 +80,8 @@ def main(opts):
         else:
             archive = cub.download(data_dir / cub.CUB_ARCHIVE, md5=opts.md5)
         print(f"extracting {archive} into {data_dir}")
-        cub.safe_extract(archive, data_dir)
-    prepare(opts, workers=opts.workers or None)
+        cub.safe_extract(archive, data_dir, opts.max_members, int(opts.max_extract_gb * 1e9))
+    prepare(opts, workers=opts.workers or None, max_pixels=opts.max_pixels)
 
 
 if __name__ == "__main__":

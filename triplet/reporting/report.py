@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 from triplet.reporting import study
 from triplet.errors import UserError
-from triplet.fileio import read_json, write_text
-from triplet.runs import find_runs
+from triplet.fileio import write_text
+from triplet.runs import find_runs, read_config, read_metrics
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.
 ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
@@ -56,11 +56,12 @@ def natural_key(name):
 def load_runs(results_dir, log=print):
     """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped."""
     runs = []
-    for run_dir, metrics in sorted(find_runs(results_dir, log), key=lambda r: r[0]):
+    numeric = [key for key, _, _ in ROWS] + ["epoch", "num_images", "num_classes", "embedding_dim", "image_size"]
+    for run_dir, metrics in sorted(find_runs(results_dir, log, numeric), key=lambda r: r[0]):
         try:
-            config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+            config = read_config(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
             untrained = run_dir / "metrics_untrained.json"
-            untrained = read_json(untrained) if untrained.exists() else None
+            untrained = read_metrics(untrained, numeric) if untrained.exists() else None
         except UserError as e:
             log(f"warning: skipping {run_dir}: {e}")
             continue
