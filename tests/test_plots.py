@@ -59,18 +59,6 @@ def test_missing_embeddings_is_a_one_line_error(run_copy, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_nearest_excludes_the_query_and_matches_brute_force():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(30, 8)).astype(np.float32)
-    queries = np.array([0, 7, 29])
-    order, sims = plots.nearest(x, queries, 5)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    for row, q in enumerate(queries):
-        expected = sorted((j for j in range(30) if j != q), key=lambda j: -float(unit[q] @ unit[j]))[:5]
-        assert order[row].tolist() == expected
-        np.testing.assert_allclose(sims[row], [unit[q] @ unit[j] for j in expected], rtol=1e-5)
-
-
 def test_queries_are_seeded_and_from_distinct_classes():
     labels = np.repeat(np.arange(10), 3)
     first = plots.choose_queries(labels, 6, seed=3)

@@ -60,6 +60,20 @@ def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None):
     return last if last.exists() else None
 
 
+def describe_recipe(options):
+    """``resnet18 (weights imagenet), 20 epochs, lr 0.001, batch 32, margin 1.0`` (+ mining, schedule):
+    how a run was trained, in one line, for figure titles and the report."""
+    parts = [f"{options.get('backbone', '?')} (weights {options.get('weights', '?')})",
+             f"{options.get('epochs', '?')} epoch{'' if options.get('epochs') == 1 else 's'}",
+             f"lr {options.get('lr', '?')}", f"batch {options.get('batch_size', '?')}",
+             f"margin {options.get('margin', '?')}"]
+    if options.get("mining", "none") != "none":
+        parts.append(f"{options['mining']} mining ({options.get('samples_per_class')} per class)")
+    if options.get("scheduler", "none") != "none":
+        parts.append(f"{options['scheduler']} lr")
+    return ", ".join(str(p) for p in parts)
+
+
 def write_history(run_dir, history):
     write_csv(Path(run_dir) / "history.csv", history, HISTORY_FIELDS)
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from triplet.reporting import study
 from triplet.errors import UserError
 from triplet.fileio import read_json, write_text
-from triplet.runs import find_runs
+from triplet.runs import describe_recipe, find_runs
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.
 ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
@@ -149,10 +149,7 @@ def describe(run):
     if run["baseline"]:
         text = f"untrained {m.get('backbone', '?')} trunk (weights {o.get('weights', 'imagenet')}), no training"
     else:
-        text = (f"{m.get('backbone', o.get('backbone', '?'))} (weights {o.get('weights', '?')}), {o.get('epochs', '?')} "
-                f"epochs, lr {o.get('lr', '?')}, batch {o.get('batch_size', '?')}, mining {o.get('mining', '?')}, "
-                f"margin {o.get('margin', '?')}, scheduler {o.get('scheduler', 'none')}; checkpoint of epoch "
-                f"{m.get('epoch', '?')}")
+        text = f"{describe_recipe(o)}; checkpoint of epoch {m.get('epoch', '?')}"
     text += (f"; embedding {m.get('embedding_dim', '?')}-d, image size {m.get('image_size', '?')}; tested on "
              f"{m.get('num_images', '?')} images of {m.get('num_classes', '?')} classes ({m.get('split', '?')} split).")
     if env:
