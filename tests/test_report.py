@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT, run_script
 from triplet.reporting import report, study
-from triplet.cli import parse
+from triplet.cli import options_with_role, parse
 
 
 @pytest.fixture
@@ -73,11 +73,14 @@ def test_train_command_rebuilds_the_run_options(tiny_run):
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     options = json.loads((tiny_run / "config.json").read_text())["options"]
-    command = report.train_command(tiny_run, options)
+    runtime = options_with_role(train.Options, "runtime")
+    assert {"device", "workers", "progress", "out"} <= runtime and "lr" not in runtime
+    command = report.train_command(tiny_run, options, runtime)
+    assert "--device" not in command and "--workers" not in command
     parsed, _ = parse(train.Options, shlex.split(command)[2:])
     rebuilt = dataclasses.asdict(parsed)
     for key, value in options.items():
-        if key not in report.RUNTIME:
+        if key not in runtime:
             assert rebuilt[key] == value, key
 
 
