@@ -19,7 +19,7 @@ import torch
 from triplet import distributed as dist
 from triplet import engine, runs, runtime
 from triplet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from triplet.cli import check, run
+from triplet.cli import check, plural, run
 from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
 from triplet.errors import UserError
 from triplet.mining import get_miner
@@ -159,7 +159,7 @@ def main(opts):
         history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
         log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
     if start_epoch >= opts.epochs:
-        log(f"{run_dir}: already trained for {start_epoch} epochs; nothing to do")
+        log(f"{run_dir}: already trained for {plural(start_epoch, 'epoch')}; nothing to do")
         return
     model.to(device, memory_format=torch.channels_last)
     net = model

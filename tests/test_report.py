@@ -95,3 +95,10 @@ def test_study_values_match_the_paper():
     assert study.study_key("exp5-resnet34") is None and study.study_key("exp7-resnet18") is None
     assert study.study_key("baseline-resnet18") is None
     assert {k[0] for k in study.STUDY} == set(study.EXPERIMENTS)
+
+
+def test_counts_read_as_english():
+    from triplet.cli import plural
+
+    assert plural(1, "run") == "1 run" and plural(2, "run") == "2 runs" and plural(0, "epoch") == "0 epochs"
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"

@@ -85,3 +85,8 @@ def check(condition, message):
     """Raise ValueError (reported as a one-line option error) unless ``condition`` holds."""
     if not condition:
         raise ValueError(message)
+
+
+def plural(count, noun, plural_noun=None):
+    """``1 run``, ``2 runs``: counts in messages read as English."""
+    return f"{count} {noun if count == 1 else plural_noun or noun + 's'}"

@@ -7,6 +7,7 @@ With 200 CUB classes a map coloured by every class is unreadable, so a seeded su
 """
 import io
 import math
+import os
 import re
 from pathlib import Path
 
@@ -51,19 +52,29 @@ def class_names(labels, paths):
     return names
 
 
+def projection_threads(points):
+    """OpenMP/BLAS threads for a projection of ``points``: one per thousand points, at most the
+    usable cores. A small map on all cores spends its time in thread start-up and, on a busy
+    machine, in oversubscription; a large one still gets every core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, points // 1000))
+
+
 def project(embeddings, method="tsne", seed=0):
     """2-D coordinates of the L2-normalised embeddings (Euclidean there is monotone in cosine)."""
     from sklearn.decomposition import PCA  # imported here: only the plots need scikit-learn
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     x = normalise(embeddings)
-    if method == "pca":
-        return PCA(n_components=2, random_state=seed).fit_transform(x)
-    if x.shape[1] > 50 and len(x) > 50:  # the usual PCA-50 first: same map, much faster
-        x = PCA(n_components=50, random_state=seed).fit_transform(x)
-    perplexity = max(1.0, min(30.0, (len(x) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                random_state=seed).fit_transform(x)
+    with threadpool_limits(limits=projection_threads(len(x))):
+        if method == "pca":
+            return PCA(n_components=2, random_state=seed).fit_transform(x)
+        if x.shape[1] > 50 and len(x) > 50:  # the usual PCA-50 first: same map, much faster
+            x = PCA(n_components=50, random_state=seed).fit_transform(x)
+        perplexity = max(1.0, min(30.0, (len(x) - 1) / 3))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                    random_state=seed, n_jobs=projection_threads(len(x))).fit_transform(x)
 
 
 def _save(fig, path, colours=None):
