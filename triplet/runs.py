@@ -20,12 +20,26 @@ try:
 except ImportError:  # Windows: no flock; runs there are not protected against a second process
     fcntl = None
 
-HISTORY_FIELDS = ["epoch", "train_loss", "active_triplets", "val_loss", "val_triplet_accuracy",
-                  "val_precision_at_1", "lr", "seconds"]
-# Options that may differ between the first run and a resumed one without changing the result;
-# ``out`` is where the run is, not what it is (a moved or copied folder resumes).
-RESUMABLE = {"resume", "force", "workers", "device", "progress", "epochs", "eval_batch_size", "gpu_cache", "compile",
-             "out"}
+# Option roles (a field's ``metadata["role"]``): "runtime" options decide where or how fast a run
+# goes, never its numbers; "extendable" ones may grow on --resume (more epochs). Both may differ
+# between a run and its resumption; the report's commands leave out the runtime ones.
+RESUMABLE_ROLES = ("runtime", "extendable")
+
+
+@dataclasses.dataclass
+class HistoryRow:
+    """One epoch of history.csv; its fields are the CSV header. Epoch 0 is the untrained model."""
+    epoch: int
+    train_loss: float
+    active_triplets: float
+    val_loss: float
+    val_triplet_accuracy: float
+    val_precision_at_1: float
+    lr: float
+    seconds: float
+
+
+HISTORY_FIELDS = [f.name for f in dataclasses.fields(HistoryRow)]
 RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.json",
              "metrics_untrained.json", "test_embeddings.npz", "test_embeddings_untrained.npz", "curves.png",
              "tsne.png", "pca.png", "retrieval.png"]
@@ -36,7 +50,9 @@ NUMERIC_METRICS = ("precision_at_1", "epoch", "num_images", "num_classes")  # wh
 def make_config(options, device, precision, world_size=1):
     from triplet.runtime import environment  # here: reports read run folders without torch
 
-    return {"options": dataclasses.asdict(options), "environment": environment(device, precision, world_size)}
+    roles = {f.name: f.metadata["role"] for f in dataclasses.fields(options) if "role" in f.metadata}
+    return {"options": dataclasses.asdict(options), "option_roles": roles,
+            "environment": environment(device, precision, world_size)}
 
 
 def option_defaults(options):
@@ -103,8 +119,9 @@ def _same(key, old, new):
     return old == new or both_nan
 
 
-def _differences(old, new):
-    return [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE and not _same(k, old.get(k), new.get(k))]
+def _differences(old, new, roles):
+    return [k for k in sorted(set(old) | set(new))
+            if roles.get(k) not in RESUMABLE_ROLES and not _same(k, old.get(k), new.get(k))]
 
 
 def _recorded_options(run_dir):
@@ -147,7 +164,7 @@ def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None, log
                         f"replace it, or choose another --out")
     # An option missing from an older run's config is one added since: that run had its default.
     old = {**(defaults or {}), **_recorded_options(run_dir)}
-    changed = _differences(old, config["options"])
+    changed = _differences(old, config["options"], config.get("option_roles", {}))
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config['options'].get(k)!r}"
                            for k in changed[:3])
@@ -172,6 +189,20 @@ def set_aside_old_run(run_dir, log=print):
         os.replace(run_dir / name, aside / name)
     log(f"--force: moved the previous run ({', '.join(present)}) to {aside}; delete it when you no longer need it")
     return aside
+
+
+def describe_recipe(options):
+    """``resnet18 (weights imagenet), 20 epochs, lr 0.001, batch 32, margin 1.0`` (+ mining, schedule):
+    how a run was trained, in one line, for figure titles and the report."""
+    parts = [f"{options.get('backbone', '?')} (weights {options.get('weights', '?')})",
+             f"{options.get('epochs', '?')} epoch{'' if options.get('epochs') == 1 else 's'}",
+             f"lr {options.get('lr', '?')}", f"batch {options.get('batch_size', '?')}",
+             f"margin {options.get('margin', '?')}"]
+    if options.get("mining", "none") != "none":
+        parts.append(f"{options['mining']} mining ({options.get('samples_per_class')} per class)")
+    if options.get("scheduler", "none") != "none":
+        parts.append(f"{options['scheduler']} lr")
+    return ", ".join(str(p) for p in parts)
 
 
 def write_history(run_dir, history):
