@@ -415,7 +415,12 @@ def test_unsafe_weights_are_refused_in_one_line(tmp_path, synthetic_root):
         build_model("resnet18", 8, str(unsafe))
     message = str(error.value)
     assert message.startswith(f"--weights {unsafe}: refused") and one_line(message)
-    assert "weights_only" not in message and "state_dict" in message
+    assert "weights_only" not in message and "state_dict" in message and "(argparse.Namespace)" in message
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match=r"not a readable checkpoint \(UnpicklingError: Unsupported operand") as error:
+        build_model("resnet18", 8, str(garbage))
+    assert one_line(str(error.value)) and "weights_only" not in str(error.value)
     status, output = call_script("train", *train_args(synthetic_root, tmp_path / "run", "--weights", unsafe))
     assert status == 2 and one_line(output) and "weights_only" not in output
     assert not (tmp_path / "run" / "config.json").exists()

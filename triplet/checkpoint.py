@@ -5,6 +5,7 @@ history (the rows of history.csv, so the CSV is always rebuilt consistent with t
 rng (torch's CPU generator state).
 """
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -42,11 +43,14 @@ def torch_load(path, label):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise UserError(f"{label}: refused: the file holds Python objects besides tensors, and loading them "
-                            f"could run arbitrary code; save a plain state dict instead "
+        # torch's text recommends weights_only=False; only its "WeightsUnpickler error" part is said here.
+        reason = str(e).split("WeightsUnpickler error:", 1)[-1]
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+        if unsafe:
+            raise UserError(f"{label}: refused: the file holds Python objects besides tensors ({unsafe.group(1)}), "
+                            f"and loading them could run arbitrary code; save a plain state dict instead "
                             f"(torch.save(model.state_dict(), PATH))") from e
-        raise UserError(f"{label}: not a readable checkpoint (UnpicklingError: {_first_line(e)})") from e
+        raise UserError(f"{label}: not a readable checkpoint (UnpicklingError: {_first_line(reason)})") from e
     except Exception as e:
         raise UserError(f"{label}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from e
 
