@@ -67,6 +67,13 @@ def test_a_second_lock_in_any_process_names_the_holder(tmp_path):
     lock_run_dir(tmp_path / "run").close()  # released: free again
 
 
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--out .*notes.txt: cannot use it as a run folder"):
+        lock_run_dir(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_two_training_processes_cannot_share_a_run_folder(synthetic_root, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"),

@@ -93,8 +93,11 @@ def lock_run_dir(run_dir):
     the holder's PID for the error a second process gets.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a+")
+    except OSError as e:
+        raise UserError(f"--out {run_dir}: cannot use it as a run folder ({e.strerror}); choose another --out") from e
     if fcntl is None:
         return handle
     try:
