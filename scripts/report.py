@@ -1,27 +1,36 @@
 """Write RESULTS/REPORT.md: every evaluated run beside the numbers the study published for it.
 
     python scripts/report.py --results results          # or: make report
+    python scripts/report.py --demo-table results/demo-resnet18   # print the README's demo table
 
 One summary table ranked by test Precision@1 (best marked, untrained baselines included), then per
 run: the study's metrics side by side (folders named exp{1-6}-{backbone}), Recall@K, MAP@R,
 R-Precision, NMI, links to the figures, and the train / evaluate commands rebuilt from config.json.
 results/onnx_benchmark.md and results/train_benchmark.md are included when present.
+--demo-table prints (Markdown, to stdout) the demo run's metrics beside the untrained model it
+started from, from its metrics.json and metrics_untrained.json, and writes nothing.
 """
 from dataclasses import dataclass, field
 
 from triplet.cli import check, run
+from triplet.reporting.demo import demo_table, read_demo_metrics
 from triplet.reporting.report import write_report
 
 
 @dataclass
 class Options:
     results: str = field(default="results", metadata={"help": "folder of run folders; REPORT.md is written there"})
+    demo_table: str = field(default="", metadata={
+        "help": "instead, print the Markdown table of this demo run folder (trained versus untrained) and exit"})
 
     def __post_init__(self):
         check(self.results, "--results must name a folder")
 
 
 def main(opts):
+    if opts.demo_table:
+        print(demo_table(*read_demo_metrics(opts.demo_table)))
+        return
     path, count = write_report(opts.results)
     print(f"wrote {path} ({count} runs)")
 
