@@ -82,3 +82,17 @@ def test_report_has_the_paragraph_for_demo_runs_only(tiny_run, tmp_path):
     assert count == 2 and text.count("**What this shows.**") == 1
     demo_section = text[text.index("## demo-resnet18"):text.index("## exp1-resnet18")]
     assert "**What it does not show.**" in demo_section
+
+
+def test_seeds_table_gives_hand_computed_mean_spread_and_range(tmp_path):
+    second = {**TRAINED, "precision_at_1": 72.5, "map_at_r": 30.0}
+    lines = demo.seeds_table([(TRAINED, UNTRAINED), (second, {**UNTRAINED, "map_at_r": 12.0})]).splitlines()
+    assert "2 seeds" in lines[0] and len(lines) == 2 + len(demo.TABLE_ROWS)
+    rows = {cells(line)[0]: cells(line)[1:] for line in lines[2:]}
+    # P@1 trained 62.5 and 72.5: mean 67.5, sample sd 7.07; changes +32.5 and +42.5
+    assert rows["Test Precision@1, %"] == ["30.0 ± 0.0 (30.0 to 30.0)", "67.5 ± 7.1 (62.5 to 72.5)",
+                                           "37.5 ± 7.1 (32.5 to 42.5)"]
+    assert rows["Test MAP@R, %"][2].endswith("ratio 2.50 ± 0.00 (2.50 to 2.50)")  # 25/10 and 30/12
+    runs = [write_run(tmp_path / "s0"), write_run(tmp_path / "s1", second)]
+    status, out = call_script("report", "--demo-table", *runs)
+    assert status == 0 and "2 seeds" in out, out

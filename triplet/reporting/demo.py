@@ -3,6 +3,7 @@
 Both are built from ``RUN_DIR/metrics.json`` and ``metrics_untrained.json`` alone, so the README's
 demo table and REPORT.md's paragraph are regenerated from the run and never pasted.
 """
+import statistics
 from pathlib import Path
 
 from triplet.errors import UserError
@@ -43,6 +44,28 @@ def demo_table(trained, untrained):
     for key, label, decimals in TABLE_ROWS:
         before, after = untrained[key], trained[key]
         lines.append(f"| {label} | {before:.{decimals}f} | {after:.{decimals}f} | {change(key, before, after, decimals)} |")
+    return "\n".join(lines)
+
+
+def spread(values, decimals):
+    """``mean ± sample standard deviation (min to max)`` of several seeds' values."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.{decimals}f} ± {sd:.{decimals}f} ({min(values):.{decimals}f} to {max(values):.{decimals}f})"
+
+
+def seeds_table(pairs):
+    """Markdown table over several runs (seeds) given as (trained, untrained) metric pairs:
+    each metric's mean ± standard deviation (min to max) untrained, trained, and of the change."""
+    pairs = [(with_gap(t), with_gap(u)) for t, u in pairs]
+    lines = [f"| Metric ({len(pairs)} seeds: mean ± sd (min to max)) | Untrained (epoch 0) | Trained | Change |",
+             "|---|---|---|---|"]
+    for key, label, decimals in TABLE_ROWS:
+        before, after = [u[key] for _, u in pairs], [t[key] for t, _ in pairs]
+        cells = [label, spread(before, decimals), spread(after, decimals),
+                 spread([a - b for a, b in zip(after, before)], decimals)]
+        if key == "map_at_r" and all(before):
+            cells[-1] += f"; ratio {spread([a / b for a, b in zip(after, before)], 2)}"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
