@@ -128,14 +128,18 @@ DEMO_RECIPE := --epochs 16 --lr 0.001 --scheduler cosine --batch-size 40 --sampl
 # The study's exp1 recipe (offline random triplets, margin 1, constant lr) on the same set and epochs.
 DEMO_STUDY_RECIPE := --epochs 16 --lr 0.001 --batch-size 32 --mining none --margin 1.0 --crop-scale 0.5
 DEMO_STUDY_RUN := $(RESULTS)/demo-study-resnet18
+# $(call demo_train,RECIPE,RUN_DIR): write the demo set (deterministic), train on it, evaluate, and evaluate the
+# run's own starting point.
+define demo_train
+$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) $(DEMO_SET)
+$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
+$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(1) --seed $(DEMO_SEED) --out $(2) --force
+$(PY) scripts/evaluate.py --run $(2)
+$(PY) scripts/evaluate.py --run $(2) --checkpoint none
+endef
 ## demo: the whole chain offline on a synthetic set (prepare, train, evaluate, plots, report, ONNX, inference)
 demo: | setup
-	$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) $(DEMO_SET)
-	$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
-	$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(DEMO_RECIPE) --seed $(DEMO_SEED) \
-	    --out $(DEMO_RUN) --force
-	$(PY) scripts/evaluate.py --run $(DEMO_RUN)
-	$(PY) scripts/evaluate.py --run $(DEMO_RUN) --checkpoint none
+	$(call demo_train,$(DEMO_RECIPE),$(DEMO_RUN))
 	$(PY) scripts/plot_embeddings.py --run $(DEMO_RUN)
 	$(PY) scripts/report.py --results $(RESULTS)
 	$(PY) scripts/report.py --demo-table $(DEMO_RUN)
@@ -145,13 +149,9 @@ demo: | setup
 	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, metrics_untrained.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
 	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"
 
-## demo-study: after `make demo`, the study's recipe (random triplets, margin 1) on the same set, beside it in REPORT.md
+## demo-study: the study's recipe (random triplets, margin 1) on the same set, beside it in REPORT.md
 demo-study: | setup
-	$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
-	$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(DEMO_STUDY_RECIPE) --seed $(DEMO_SEED) \
-	    --out $(DEMO_STUDY_RUN) --force
-	$(PY) scripts/evaluate.py --run $(DEMO_STUDY_RUN)
-	$(PY) scripts/evaluate.py --run $(DEMO_STUDY_RUN) --checkpoint none
+	$(call demo_train,$(DEMO_STUDY_RECIPE),$(DEMO_STUDY_RUN))
 	$(PY) scripts/report.py --results $(RESULTS)
 	$(PY) scripts/report.py --demo-table $(DEMO_STUDY_RUN)
 
