@@ -96,3 +96,12 @@ def test_seeds_table_gives_hand_computed_mean_spread_and_range(tmp_path):
     runs = [write_run(tmp_path / "s0"), write_run(tmp_path / "s1", second)]
     status, out = call_script("report", "--demo-table", *runs)
     assert status == 0 and "2 seeds" in out, out
+
+
+def test_paragraph_claims_learning_only_when_the_numbers_show_it():
+    assert "pulled same-class images together" in demo.demo_paragraph(TRAINED, UNTRAINED)
+    worse = {**TRAINED, "precision_at_1": 29.0}
+    text = demo.demo_paragraph(worse, UNTRAINED)
+    assert "does not show the learning" in text and "pulled same-class" not in text
+    narrower = {**TRAINED, "cos_sim_ap": 0.3, "cos_sim_an": 0.29}
+    assert "does not show the learning" in demo.demo_paragraph(narrower, UNTRAINED)
