@@ -23,7 +23,7 @@ from triplet.cli import check, plural, run
 from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
 from triplet.errors import UserError
 from triplet.mining import get_miner
-from triplet.model import BACKBONES, build_model
+from triplet.model import BACKBONES, build_seeded_model
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
 from triplet.seeding import seed_everything
 from triplet.data.transforms import CachedTrainTransform, EvalTransform, TrainTransform
@@ -149,7 +149,7 @@ def main(opts):
     val_set = ImageDataset(val_paths, val_labels, EvalTransform(opts.image_size))
     miner = None if opts.mining == "none" else get_miner(opts.mining, opts.margin)
 
-    model = build_model(opts.backbone, opts.embedding_dim, opts.weights)
+    model = build_seeded_model(opts.seed, opts.backbone, opts.embedding_dim, opts.weights)
     model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim}
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     start_epoch, best_metric, history = 0, float("-inf"), []

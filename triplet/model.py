@@ -72,3 +72,15 @@ def build_model(backbone="resnet18", embedding_dim=128, weights="none"):
                         f"({len(missing)} missing keys, {len(unexpected)} unexpected, e.g. "
                         f"{(missing or unexpected)[0]})")
     return model
+
+
+def build_seeded_model(seed, *args, **kwargs):
+    """``build_model(*args, **kwargs)`` with its random initialisation drawn from ``seed`` alone.
+
+    train.py starts from this model and ``evaluate.py --checkpoint none`` rebuilds it from the
+    run's seed, so the untrained baseline is exactly the training's starting point whatever ran
+    before; the caller's torch random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(*args, **kwargs)
