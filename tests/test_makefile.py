@@ -76,5 +76,5 @@ def test_exp7_uses_online_mining_and_torchrun_with_nproc(tmp_path):
 def test_help_lists_every_target():
     result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     for target in ["setup", "test", "data", "exp1", "exp7", "all", "baseline", "report", "export", "bench",
-                   "bench-train", "demo", "readme"]:
+                   "bench-train", "gpu-check", "demo", "readme"]:
         assert re.search(rf"^\s+{re.escape(target)}\s", result.stdout, re.M), target

@@ -18,10 +18,11 @@ RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_bes
              "tsne.png", "pca.png", "retrieval.png"]
 
 
-def make_config(options, device, precision, world_size=1):
+def make_config(options, device, precision, world_size=1, precision_reason=None):
     from triplet.runtime import environment  # here: reports read run folders without torch
 
-    return {"options": dataclasses.asdict(options), "environment": environment(device, precision, world_size)}
+    return {"options": dataclasses.asdict(options),
+            "environment": environment(device, precision, world_size, precision_reason)}
 
 
 def option_defaults(options):
