@@ -52,7 +52,7 @@ class Options(DataOptions):
         "help": "smallest training crop, as a fraction of the image's area (RandomResizedCrop; torchvision's "
                 "default 0.08). Raise it (0.3-0.5) when the object is small or must stay whole"})
     workers: int = field(default=-1, metadata={
-        "help": "DataLoader workers per process (-1: 1 on CPU, up to 8 per GPU, from the cores this machine's processes share)"})
+        "help": "DataLoader workers per process (-1: 1 on CPU; on a GPU, the cores this machine gives each process, less one)"})
     eval_batch_size: int = field(default=128, metadata={"help": "images per batch when embedding for validation"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
     precision: str = field(default="auto", metadata={

@@ -119,7 +119,10 @@ def test_workers_per_process_come_from_the_processes_on_this_machine(monkeypatch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert runtime.default_workers(CUDA) == 7 and runtime.default_workers(CPU) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert runtime.default_workers(CUDA) == 8
+    assert runtime.default_workers(CUDA) == 15
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one core each: decoding shares the main process's
+    assert runtime.default_workers(CUDA) == 1 and runtime.default_workers(CPU) == 0
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")

@@ -110,12 +110,13 @@ def default_workers(device):
     """DataLoader workers per process, from the cores this machine's processes share
     (LOCAL_WORLD_SIZE, not the global world size: other machines' processes have their own cores).
 
-    GPU: up to 8 per process, leaving each process a core of its own; CPU: one worker decodes
-    while the main process computes; more only steal its cores.
+    GPU: every core but one each process keeps for itself, since decoding JPEGs on the CPU is
+    what feeds a GPU (docs/gpu.md has the arithmetic); CPU: one worker decodes while the main
+    process computes; more only steal its cores.
     """
     cores_each = usable_cores() // dist.local_world_size()
     if device.type == "cuda":
-        return max(1, min(8, cores_each - 1))
+        return max(1, cores_each - 1)
     return 1 if cores_each > 1 else 0
 
 

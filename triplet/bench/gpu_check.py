@@ -99,6 +99,42 @@ def run_step(step, timeout, cuda, log=print):
     return row
 
 
+def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
+    """Host synchronisations in ``steps`` bf16 offline-triplet steps of ResNet18 on CUDA, counted
+    by torch.cuda.set_sync_debug_mode after a warm-up epoch; the loop should only wait at its
+    sync points (``steps / sync_every`` of them, the epoch's end included). Exit status 1 if more."""
+    import warnings
+
+    import torch
+
+    from triplet import engine
+    from triplet.mining import packaged_triplets
+    from triplet.model import build_model
+
+    device = torch.device("cuda", 0)
+    model = build_model("resnet18", weights="none").to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8).pin_memory()
+    batches = [(images, torch.zeros(3 * batch_size, dtype=torch.int64).pin_memory())] * steps
+
+    def epoch():
+        engine.train_one_epoch(model, batches, optimizer, device, "bf16", 1.0, packaged_triplets, progress=False,
+                               sync_every=sync_every)
+
+    epoch()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epoch()
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    expected = -(-steps // sync_every)
+    print(f"{len(syncs)} host synchronisations in {steps} steps (expected {expected}: every {sync_every} steps)")
+    for w in syncs[:5]:
+        print(f"  {w.filename}:{w.lineno}: {w.message}")
+    sys.exit(0 if len(syncs) <= expected else 1)
+
+
 def plan_steps(opts, data_dir, work, gpus):
     """The checks, in order; ``gpus``: CUDA devices visible (0 on a CPU run)."""
     python, cuda = sys.executable, opts.device == "cuda"
@@ -130,6 +166,9 @@ def plan_steps(opts, data_dir, work, gpus):
         train("batch-hard", "1 epoch of batch-hard mining in PK batches", "--mining", "hard",
               "--samples-per-class", 4, "--force"),
     ]
+    steps.append(Step("host-syncs", "the training loop waits for the GPU only at its sync points",
+                      [python, "-c", "from triplet.bench.gpu_check import count_host_syncs; count_host_syncs()"],
+                      expect="host synchronisations", skip="" if cuda else "torch.cuda.set_sync_debug_mode is CUDA-only"))
     torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, SCRIPTS / "train.py"]
     steps.append(Step("ddp-nccl", "torchrun, 2 processes on 2 GPUs (NCCL)",
                       [*torchrun, *common, "--epochs", 1, "--out", runs / "ddp", "--force"], run_dir=str(runs / "ddp"),

@@ -68,6 +68,12 @@ class ImageDataset(Dataset):
         if not isinstance(key, tuple):
             return self.transform(self.paths[key]), self.labels[key]
         i, seed = key
-        with torch.random.fork_rng(devices=[]):  # the caller's generator state is left as it was
-            torch.manual_seed(seed)
+        # Only the CPU generator, which the transforms draw from; saved and restored so the caller's
+        # stream is left as it was (torch.random.fork_rng also visits every device backend, per image).
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return self.transform(self.paths[i]), self.labels[i]
+        finally:
+            generator.set_state(state)
