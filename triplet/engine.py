@@ -2,6 +2,9 @@
 
 Every training step is embed -> mine -> loss: offline triplets arrive as one batch of
 [anchors, positives, negatives] mined by ``packaged_triplets``, PK batches by an online miner.
+One forward over the whole batch, not three: BatchNorm then normalises anchors, positives and
+negatives with the same batch statistics (as in PK batches) and updates its running statistics
+once per step.
 Images travel from the workers as uint8 and become normalised channels_last floats on the
 device (``to_device``), a quarter of the bytes a float32 batch would pin and copy.
 """

@@ -77,8 +77,11 @@ def _prepare_image(source, target, resize, bbox):
         image.save(tmp, format="JPEG", quality=95)
 
 
-def prepare(options, workers=None, log=print):
-    """Build (or find) the prepared copy for ``options``; return its folder."""
+def prepare(options, workers=-1, log=print):
+    """Build (or find) the prepared copy for ``options``; return its folder.
+
+    ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
+    """
     out = prepared_dir(options)
     marker = out / "prepare.json"
     if marker.exists() and read_json(marker).get("options") == _data_options(options):
@@ -92,13 +95,18 @@ def prepare(options, workers=None, log=print):
             raise UserError(f"{root}: the {name} split of --split {options.split} is empty")
     jobs = [(root / "images" / r.path, out / "images" / r.path, options.resize,
              r.bbox if options.crop_bbox else None) for r in records]
-    workers = workers or min(8, os.cpu_count() or 1)
-    log(f"preparing {len(jobs)} images into {out} with {workers} processes")
+    if workers < 0:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
     from tqdm import tqdm
-    with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(_prepare_image, *job) for job in jobs]
-        for future in tqdm(futures, desc="prepare", unit="img"):
-            future.result()
+    if workers == 0:
+        for job in tqdm(jobs, desc="prepare", unit="img"):
+            _prepare_image(*job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_prepare_image, *job) for job in jobs]
+            for future in tqdm(futures, desc="prepare", unit="img"):
+                future.result()
     for name, part in splits.items():
         rows = [{"path": f"images/{r.path}", "class_id": r.class_id, "class_name": r.class_name,
                  "image_id": r.image_id} for r in part]
@@ -110,12 +118,35 @@ def prepare(options, workers=None, log=print):
     return out
 
 
+def _as_flags(options):
+    """Prepared-copy options as the command-line flags that select them."""
+    flags = [f"--split {options['split']}", f"--resize {options['resize']}",
+             f"--val-fraction {options['val_fraction']:g}", f"--split-seed {options['split_seed']}"]
+    return " ".join(flags + (["--crop-bbox"] if options.get("crop_bbox") else []))
+
+
+def missing_prepared_message(prepared):
+    """Why ``prepared`` is not there, and the prepared copies that are (with the flags that pick them)."""
+    prepared = Path(prepared)
+    others = []
+    for marker in sorted(prepared.parent.glob("*/prepare.json")):
+        try:
+            others.append(f"{marker.parent.name} ({_as_flags(read_json(marker)['options'])})")
+        except (UserError, KeyError, TypeError):
+            continue
+    text = (f"{prepared}: no prepared data for these options; --resize, --val-fraction, --split, --split-seed "
+            f"and --crop-bbox must match the prepare_data.py run that made it: run `python scripts/prepare_data.py` "
+            f"with the same options (or `make data`)")
+    if others:
+        text += f"; prepared under {prepared.parent}: " + ", ".join(others)
+    return text
+
+
 def read_manifest(prepared, split):
     """Return (absolute image paths, class ids) of one split of a prepared folder."""
     prepared = Path(prepared)
     path = prepared / f"{split}.csv"
     if not (prepared / "prepare.json").exists() or not path.exists():
-        raise UserError(f"{prepared}: no prepared data; run `python scripts/prepare_data.py` "
-                        f"with the same --data-dir/--split options (or `make data`)")
+        raise UserError(missing_prepared_message(prepared))
     rows = read_csv(path)
     return [str(prepared / r["path"]) for r in rows], [int(r["class_id"]) for r in rows]
