@@ -57,7 +57,7 @@ class Options(DataOptions):
     eval_batch_size: int = field(default=128, metadata={"role": "runtime", "help": "images per batch when embedding for validation"})
     device: str = field(default="auto", metadata={"role": "runtime", "choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
     precision: str = field(default="auto", metadata={"role": "runtime",
-        "choices": list(runtime.PRECISIONS),
+        "choices": ["auto", "fp32", "bf16", "fp16"],
         "help": "auto: bf16 autocast where the hardware has native bf16 (recent CUDA GPUs, AVX-512-bf16/AMX/Arm-BF16 "
                 "CPUs), fp16 with loss scaling on older CUDA GPUs, else fp32; the choice and why go to config.json"})
     compile: bool = field(default=False, metadata={"role": "runtime", "help": "torch.compile the model (pays on GPUs; slower on small CPUs)"})
