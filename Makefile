@@ -115,6 +115,10 @@ export: | setup
 bench: | setup
 	$(PY) scripts/benchmark_onnx.py --out $(RESULTS)/onnx_benchmark.json
 
+## gpu-check: on a CUDA machine, every GPU path in under 10 minutes, offline (results/gpu_check.md)
+gpu-check: | setup
+	$(PY) scripts/gpu_check.py --out $(RESULTS)/gpu_check.json --workdir $(RESULTS)/gpu_check
+
 ## bench-train: the suite's training step versus a straightforward implementation
 bench-train: | setup
 	$(PY) scripts/benchmark_train.py --out $(RESULTS)/train_benchmark.json
@@ -167,4 +171,4 @@ readme: | setup
 clean:
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench bench-train demo demo-study readme clean
+.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench gpu-check bench-train demo demo-study readme clean

@@ -2,7 +2,7 @@
 
     python scripts/benchmark_train.py                                   # ResNet18 and ResNet34 at 224
     python scripts/benchmark_train.py --backbones resnet18 --rounds 1 --profile
-    python scripts/benchmark_train.py --device cuda --steps 100 --warmup 10 --also-bf16 --also-compile
+    python scripts/benchmark_train.py --device cuda --also-bf16 --also-compile  # 100 steps after 10 on CUDA
 
 On the same synthetic CUB-size images (500x375 JPEGs, written to --workdir), the same model and
 the same batch, it times --steps training steps after --warmup steps of
@@ -11,14 +11,17 @@ the same batch, it times --steps training steps after --warmup steps of
   PIL decoding of the original JPEGs on every access, torchvision v1 transforms, three forwards,
   fp32, ``nn.TripletMarginLoss``, Adam, a default DataLoader with 2 workers;
 * the suite (``triplet.bench.speed.training_speed``): the prepared copy (short side --resize),
-  ``TrainTransform``, ``TripletCUBDataset``, ``engine.make_loader`` with ``runtime.default_workers``
-  and ``engine.train_one_epoch`` with ``--precision auto`` and channels_last, as
-  ``scripts/train.py`` runs them;
+  ``TrainTransform`` (uint8, normalised on the device), ``TripletBatchSampler``,
+  ``engine.make_loader`` with ``runtime.default_workers`` and persistent workers, and
+  ``engine.train_one_epoch`` with ``--precision auto`` and channels_last, as ``scripts/train.py``
+  runs them;
 
-and the suite's evaluation embedding (``triplet.bench.speed.embedding_speed`` of the prepared test
+the suite's data path alone with one worker (``triplet.bench.speed.data_path_speed``: images/s
+per worker, what sizes the workers a GPU needs), and the suite's evaluation embedding (``triplet.bench.speed.embedding_speed`` of the prepared test
 images, repeated to --steps x --batch-size images). Each measurement runs in a fresh process, so the peak memory
 reported for it is its own (Linux VmHWM of the main process; CUDA: max_memory_allocated too).
-The two training paths alternate for --rounds rounds. On a shared machine whose speed drifts
+After the warm-up steps, the batches the workers loaded ahead are drained before the clock
+starts, so no path is timed on a full queue. The two training paths alternate for --rounds rounds. On a shared machine whose speed drifts
 between runs (the 2-core development machine's matmul peak measured 89 to 184 GFLOP/s), each
 round's ratio compares the paths under like conditions: their range is reported beside the
 overall rates and ratio.
@@ -57,7 +60,14 @@ from triplet.data.layout import ROOT
 from triplet.data.datasets import check_triplet_ready
 from triplet.model import BACKBONES, build_model
 from triplet.data.prepare import DataOptions, prepare, prepared_dir, read_manifest
-from triplet.bench.speed import embedding_speed, probe_machine, profile_training_step, step_speed, training_speed
+from triplet.bench.speed import (
+    data_path_speed,
+    embedding_speed,
+    probe_machine,
+    profile_training_step,
+    step_speed,
+    training_speed,
+)
 from triplet.data.synthetic import make_synthetic_cub
 
 
@@ -67,8 +77,9 @@ class Options:
         "nargs": "+", "choices": list(BACKBONES), "help": "trunks to benchmark (default: all of them)"})
     image_size: int = field(default=224, metadata={"help": "training crop and evaluation input size"})
     batch_size: int = field(default=32, metadata={"help": "triplets per training step (3x as many images)"})
-    steps: int = field(default=5, metadata={"help": "timed training steps per path and round; 100 or more on a GPU"})
-    warmup: int = field(default=1, metadata={"help": "untimed steps first (allocator, kernel choice, workers)"})
+    steps: int = field(default=-1, metadata={"help": "timed training steps per path and round (-1: 100 on CUDA, 5 elsewhere)"})
+    warmup: int = field(default=-1, metadata={
+        "help": "untimed steps first (allocator, kernel choice, workers; -1: 10 on CUDA, 1 elsewhere)"})
     rounds: int = field(default=3, metadata={
         "help": "times the reference and the suite alternate, each in a fresh process, so that a drift of a "
                 "shared machine's speed hits both; each round's ratio is reported beside the overall one"})
@@ -90,10 +101,10 @@ class Options:
     resize: int = field(default=256, metadata={"help": "short side of the suite's prepared copy"})
 
     def __post_init__(self):
-        check(self.steps >= 1, f"--steps {self.steps}: must be >= 1")
+        check(self.steps >= 1 or self.steps == -1, f"--steps {self.steps}: must be >= 1 (or -1: automatic)")
         check(self.rounds >= 1, f"--rounds {self.rounds}: must be >= 1")
-        check(self.warmup >= 0, f"--warmup {self.warmup}: must be >= 0")
-        check(self.warmup >= 1 or not self.also_compile, "--also-compile: needs --warmup >= 1 (the first step compiles)")
+        check(self.warmup >= -1, f"--warmup {self.warmup}: must be >= 0 (or -1: automatic)")
+        check(self.warmup != 0 or not self.also_compile, "--also-compile: needs --warmup >= 1 (the first step compiles)")
         check(self.batch_size >= 2, f"--batch-size {self.batch_size}: must be >= 2")
         check(self.eval_batch_size >= 1, f"--eval-batch-size {self.eval_batch_size}: must be >= 1")
         check(self.image_size >= 16, f"--image-size {self.image_size}: must be >= 16")
@@ -286,9 +297,9 @@ def markdown(report):
         f"all timed triplets over all timed seconds (the rounds' range in brackets), the ratio that of these "
         f"rates (the range of each round's ratio in brackets). "
         f"Peak memory: {memory}. The reference is the plain implementation in scripts/benchmark_train.py.", "",
-        "| Backbone | Path | Data | Precision | Workers | Triplets/s | vs reference | s/step | Peak memory (MiB) "
-        "| Share of matmul peak |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| Backbone | Path | Data | Precision | Workers | Triplets/s | Images/s | vs reference | s/step "
+        "| Peak memory (MiB) | Share of matmul peak |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for backbone, result in report["backbones"].items():
         for name in ("reference", *RATIO_KEYS):
@@ -299,7 +310,7 @@ def markdown(report):
                 ratio = f"**{result[key]:.2f}x** ({_range(result[key + '_rounds'], 'x')})" if key else "1.00x"
                 lines.append(f"| {backbone} | {label} | {r['data']} | {r['precision']}, {r['memory_format']} | "
                              f"{r['workers']} | {r['triplets_per_s']:.2f} ({_range(r['rounds'])}) | "
-                             f"{ratio} | {r['step_s']:.2f} | {_peak_mb(r):,.0f} | "
+                             f"{3 * r['triplets_per_s']:.1f} | {ratio} | {r['step_s']:.2f} | {_peak_mb(r):,.0f} | "
                              f"{100 * r['share_of_peak']:.1f}% of {r['share_of']} |")
     lines += ["", "| Backbone | Embedding images/s | Precision | Peak memory (MiB) | Share of matmul peak |",
               "|---|---:|---|---:|---:|"]
@@ -307,6 +318,9 @@ def markdown(report):
         e = result["embedding"]
         lines.append(f"| {backbone} | {e['images_per_s']:.1f} | {e['precision']} | {_peak_mb(e):,.0f} | "
                      f"{100 * e['share_of_peak']:.1f}% of {e['share_of']} |")
+    d = report["data_path"]
+    lines += ["", f"The suite's data path alone (decode, augment, collate uint8; one worker, {d['images']} images after "
+              f"draining the prefetch): **{d['images_per_s_per_worker']:.0f} images/s per worker**."]
     profiled = {b: r["profile"] for b, r in report["backbones"].items() if "profile" in r}
     if profiled:
         time_of = "GPU time" if m["device"].startswith("cuda") else "CPU time"
@@ -325,6 +339,11 @@ def markdown(report):
 
 def main(opts):
     machine = in_fresh_process(probe_machine, device=opts.device)  # first: a bad --device fails fast
+    cuda = machine["device"].startswith("cuda")
+    if opts.steps == -1:
+        opts.steps = 100 if cuda else 5
+    if opts.warmup == -1:
+        opts.warmup = 10 if cuda else 1
     print(f"{machine['device']} ({machine['name']}, {machine['threads']} threads): matmul peak "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine["matmul_peak_gflops"].items())
           + f"; suite precision {machine['auto_precision']}")
@@ -332,9 +351,13 @@ def main(opts):
         root, prepared = make_data(opts, opts.workdir or tmp)
         train_paths, train_labels = read_manifest(prepared, "train")
         check_triplet_ready(train_labels, f"training split of {prepared}")
-        suite_paths, labels = repeated(train_paths, train_labels, (opts.warmup + opts.steps) * opts.batch_size)
+        # enough batches for the warm-up, the drained prefetch (up to 8 workers x 4) and the timed steps
+        suite_paths, labels = repeated(train_paths, train_labels, (opts.warmup + 32 + opts.steps) * opts.batch_size)
         originals = [root / "images" / Path(p).relative_to(prepared / "images") for p in suite_paths]
         test = read_manifest(prepared, "test")
+        data_path = in_fresh_process(data_path_speed, paths=suite_paths, labels=labels, image_size=opts.image_size,
+                                     batch_size=opts.batch_size, batches=opts.steps)
+        print(f"data path: {data_path['images_per_s_per_worker']:.0f} images/s per worker")
         backbones = {b: benchmark_backbone(opts, machine, b, (suite_paths, labels, originals), test)
                      for b in opts.backbones}
     report = {
@@ -348,6 +371,7 @@ def main(opts):
         "memory": "peak_rss_mb: VmHWM of the measuring process (Linux), DataLoader workers excluded; "
                   "worker_peak_rss_mb: the largest worker's, pages shared with the main process included; "
                   "peak_cuda_mb: torch.cuda.max_memory_allocated",
+        "data_path": data_path,
         "backbones": backbones,
     }
     write_results(opts.out, report, markdown(report))

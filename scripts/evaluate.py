@@ -35,7 +35,7 @@ class Options(DataOptions):
     batch_size: int = field(default=128, metadata={"help": "images per embedding batch"})
     workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: automatic)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "where to embed"})
-    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"], "help": "autocast precision"})
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"], "help": "autocast precision (auto: as train.py decides)"})
     seed: int = field(default=0, metadata={
         "help": "seed of the fixed test triplets; --checkpoint none on a folder without config.json: also the "
                 "model's initialisation (as train.py --seed)"})
@@ -94,7 +94,7 @@ def main(opts):
     result = {**{k: round(v, 4) for k, v in metrics.items()}, **info, "backbone": options["backbone"],
               "embedding_dim": options["embedding_dim"], "image_size": options["image_size"],
               "split": data.split, "num_images": int(len(labels)), "num_classes": int(len(set(labels.tolist()))),
-              "seed": opts.seed}
+              "seed": opts.seed, "precision": precision}
     write_json(run_dir / f"metrics{suffix}.json", result)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():

@@ -92,7 +92,7 @@ def test_help_lists_every_target():
     result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "RESULTS=results" in result.stdout
     for target in ["setup", "test", "data", "exp1", "exp7", "all", "baseline", "report", "export", "bench",
-                   "bench-train", "demo", "demo-study", "readme"]:
+                   "bench-train", "gpu-check", "demo", "demo-study", "readme"]:
         assert re.search(rf"^\s+{re.escape(target)}\s", result.stdout, re.M), target
 
 

@@ -32,7 +32,8 @@ class EmbeddingNet(nn.Module):
         self.head = nn.Linear(features, embedding_dim)
 
     def forward(self, images):
-        return F.normalize(self.head(self.trunk(images)), dim=1)
+        # Normalised in float32 even under bf16/fp16 autocast: unit length to 1e-6, not 1e-3.
+        return F.normalize(self.head(self.trunk(images)).float(), dim=1)
 
 
 def imagenet_state_dict(backbone):
