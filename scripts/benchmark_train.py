@@ -144,6 +144,7 @@ def combine(rows):
     rates = [r["triplets_per_s"] for r in rows]
     triplets = sum(rate * r["seconds"] for rate, r in zip(rates, rows))
     row = {**rows[0], "seconds": round(seconds, 3), "triplets_per_s": round(triplets / seconds, 3),
+           "images_per_s": round(3 * triplets / seconds, 3),
            "step_s": round(statistics.mean(r["step_s"] for r in rows), 3), "rounds": rates}
     for key in rows[0]:
         if "peak" in key and key.endswith("_mb"):
