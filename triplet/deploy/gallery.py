@@ -64,7 +64,7 @@ def class_name(rel):
 def embed_readable(embedder, files, batch_size=64, progress=False):
     """Embed ``files``, skipping unreadable ones: ``(embeddings of the readable, ok mask, [(path, why)])``."""
     out, ok, failures = [], np.zeros(len(files), bool), []
-    with tqdm(total=len(files), desc="embedding", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(files), desc="embedding", unit="img", disable=None if progress else True) as bar:  # None: only on a terminal
         for start in range(0, len(files), batch_size):
             arrays = []
             for i in range(start, min(start + batch_size, len(files))):
