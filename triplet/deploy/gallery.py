@@ -154,7 +154,7 @@ def _update_index(kind, dim, saved, names, embeddings, log):
         if all(d in position for d in old):
             index = index_from_bytes(kind, saved["index"], dim)
             rows = [position[d] for d in old]
-            new = sorted(set(range(len(digests))) - set(rows))
+            new = sorted(set(range(len(names))) - set(rows))
             if new:
                 log(f"adding {len(new)} images to the saved {kind} index of {len(rows)}")
                 index.add(embeddings[new])
