@@ -133,7 +133,21 @@ demo: | setup
 	$(PY) scripts/search.py --model exports/demo-resnet18.onnx --gallery $(DEMO_DATA)/prepared/official-r72-val0.25-seed0/images \
 	    --query $(DEMO_DATA)/CUB_200_2011/images/003.*/*_0001_*.jpg --top-k 5
 	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
-	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"
+	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"; \
+	 echo "see what it finds: make serve (then open http://127.0.0.1:8000/)"
+
+##@ Serving
+SERVE_MODEL ?= exports/demo-resnet18.onnx
+SERVE_GALLERY ?= $(DEMO_DATA)/prepared/official-r72-val0.25-seed0/images
+PORT ?= 8000
+INDEX ?= exact
+## serve: the find-similar web page on http://127.0.0.1:8000/ (after `make demo`; SERVE_MODEL= SERVE_GALLERY= PORT= INDEX=faiss)
+serve: | setup
+	$(PY) scripts/serve.py --model $(SERVE_MODEL) --gallery $(SERVE_GALLERY) --port $(PORT) --index $(INDEX)
+
+## bench-search: exact versus faiss flat/HNSW/IVF search on 1e4-1e6 random vectors (a few minutes)
+bench-search: | setup
+	$(PY) scripts/benchmark_search.py --out $(RESULTS)/search_benchmark.json
 
 ## readme: rewrite the README's script reference from every script's --help (a test checks it)
 readme: | setup
@@ -143,4 +157,4 @@ readme: | setup
 clean:
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench bench-train demo readme clean
+.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench bench-train demo serve bench-search readme clean

@@ -9,8 +9,8 @@ import sys
 from tests.conftest import ROOT, call_script
 from triplet.fileio import write_text
 
-SCRIPTS = ["prepare_data", "train", "evaluate", "plot_embeddings", "report", "export_onnx", "search",
-           "benchmark_train", "benchmark_onnx"]
+SCRIPTS = ["prepare_data", "train", "evaluate", "plot_embeddings", "report", "export_onnx", "search", "serve",
+           "benchmark_train", "benchmark_onnx", "benchmark_search"]
 START = "Every option of every script, with its default, from `--help`:\n\n"
 END = "\n## Tests\n"
 

@@ -108,8 +108,8 @@ class FaissIndex:
             self.index.nprobe = max(1, int(round(self.index.nlist * nprobe_share)))
 
     def _train_ivf(self, vectors):
-        """IVF needs its coarse clusters first: about 4 sqrt(N) lists, trained on a seeded sample."""
-        nlist = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
+        """IVF needs its coarse clusters first: sqrt(N) lists (quick to assign), trained on a seeded sample."""
+        nlist = max(1, min(int(np.sqrt(len(vectors))), len(vectors) // 39))
         quantizer = self.faiss.IndexFlatIP(self.dim)
         self.index = self.faiss.IndexIVFFlat(quantizer, self.dim, nlist, self.faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).permutation(len(vectors))[:nlist * 64]
