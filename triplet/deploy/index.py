@@ -11,7 +11,14 @@ unit vectors, so the inner product is the cosine similarity.
 well under a millisecond per query, so it stays exact (``IndexFlatIP``); up to ``IVF_FROM``,
 HNSW (a graph: the fastest queries, more memory, slower to build); beyond, IVF (coarse
 clusters: quick to build and smaller, its recall set by ``nprobe``).
+
+A few queries run on one thread: their work is too small to share out, and on a busy machine
+a BLAS or OpenMP worker thread that is not scheduled stalls the whole call (docs/deploy.md has
+the measured difference); batches keep every thread.
 """
+import contextlib
+import functools
+
 import numpy as np
 
 from triplet.deploy.neighbours import top_k
@@ -24,6 +31,30 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
 IVF_NPROBE_SHARE = 1 / 16  # of the lists probed per query
+FEW_QUERIES = 8
+
+
+@functools.cache
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def one_thread_for_few(n_queries, faiss=None):
+    """Limit BLAS (and faiss's OpenMP) to one thread while searching ``n_queries`` <= FEW_QUERIES."""
+    if n_queries > FEW_QUERIES:
+        yield
+        return
+    threads = faiss.omp_get_max_threads() if faiss else None
+    if faiss:
+        faiss.omp_set_num_threads(1)
+    try:
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            yield
+    finally:
+        if faiss:
+            faiss.omp_set_num_threads(threads)
 
 
 def _faiss():
@@ -71,7 +102,8 @@ class ExactIndex:
         self.vectors = np.concatenate([self.vectors, np.asarray(vectors, np.float32).reshape(-1, self.dim)])
 
     def search(self, queries, k, exclude=None):
-        return top_k(queries, self.vectors, k, exclude)
+        with one_thread_for_few(len(queries)):
+            return top_k(queries, self.vectors, k, exclude)
 
     def to_bytes(self):
         return np.ascontiguousarray(self.vectors).view(np.uint8).ravel()
@@ -129,7 +161,8 @@ class FaissIndex:
         k = max(0, min(int(k), len(self) - (exclude is not None)))
         if k == 0:
             return np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.float32)
-        sims, indices = self.index.search(queries, k + (exclude is not None))
+        with one_thread_for_few(len(queries), self.faiss):
+            sims, indices = self.index.search(queries, k + (exclude is not None))
         if exclude is not None:
             indices, sims = _drop_excluded(indices, sims, exclude, k)
         return indices.astype(np.int64), sims.astype(np.float32)
