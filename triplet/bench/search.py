@@ -54,7 +54,7 @@ def measure(name, index, settings, queries, truth, k, batch, build_s, log):
     singles, found, batch_s = time_search(index, queries, k, batch)
     others = others_share(start, cpu_seconds(), time.perf_counter() - wall)
     row = {"index": name, "settings": settings, "build_s": round(build_s, 3),
-           "size_mb": round(len(index.to_bytes()) / 2**20, 1),
+           "size_mb": round(len(index.to_bytes()) / 2**20, 3),
            "single_p50_ms": round(1e3 * float(np.percentile(singles, 50)), 3),
            "single_p99_ms": round(1e3 * float(np.percentile(singles, 99)), 3),
            "batch_ms": round(1e3 * batch_s, 2), "batch_per_query_ms": round(1e3 * batch_s / min(batch, len(queries)), 3),
