@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from triplet.bench.cpu import cpu_seconds, others_share
+from triplet.bench.cpu import cpu_seconds, others_cell, others_share
 from triplet.bench.timing import write_results
 from triplet.cli import check, run
 from triplet.runtime import cpu_has_bf16, cpu_name, usable_cores
@@ -137,7 +137,7 @@ def markdown(report):
              f"| Setting | batch 1 p50 (ms) | batch 1 p90 (ms) | latency ratio | batch {report['batch_size']} "
              f"(images/s) | throughput ratio | CPU used by others |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        others = "n/a" if r["others_cpu_share"] is None else f"{r['others_cpu_share']:.0%}"
+        others = others_cell(r["others_cpu_share"])
         lines.append(f"| {r['setting']} | {r['batch1_p50_ms']:.1f} | {r['batch1_p90_ms']:.1f} | "
                      f"{r['latency_ratio']:.2f}x | {r[key]:.1f} | {r['throughput_ratio']:.2f}x | {others} |")
     for note in report["notes"]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from triplet.bench.cpu import others_cell
 from triplet.bench.search import benchmark_gallery, best_meeting, load_now, unit_vectors
 from triplet.cli import check, run
 from triplet.deploy.server import load_browse_set
@@ -55,7 +56,7 @@ def markdown(report):
              f"| gallery | index | settings | build (s) | size (MB) | single p50 (ms) | single p99 (ms) | "
              f"batch per query (ms) | recall@{k} | CPU used by others |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        others = "n/a" if r["others_cpu_share"] is None else f"{r['others_cpu_share']:.0%}"
+        others = others_cell(r["others_cpu_share"])
         lines.append(f"| {r['gallery']} | {r['index']} | {r['settings']} | {r['build_s']:.1f} | {r['size_mb']:.1f} | "
                      f"{r['single_p50_ms']:.3f} | {r['single_p99_ms']:.3f} | {r['batch_per_query_ms']:.3f} | "
                      f"{r[f'recall_at_{k}']:.3f} | {others} |")

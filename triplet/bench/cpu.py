@@ -19,3 +19,8 @@ def others_share(start, end, wall):
     if start[0] is None:
         return None
     return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (wall * (os.cpu_count() or 1)))
+
+
+def others_cell(share):
+    """A table cell for ``others_share``: "37%", or "n/a" where it could not be measured."""
+    return "n/a" if share is None else f"{share:.0%}"
