@@ -1,7 +1,6 @@
 """scripts/search.py over real-photo-folder trouble: broken files, symlinks, the cache outside, output forms."""
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
