@@ -13,38 +13,15 @@ def unit(n, d=16, seed=0):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def brute_force(queries, gallery, k, exclude=None):
-    """Each query's row of similarities sorted by (-similarity, index) in plain Python."""
-    out = []
-    for q, row in enumerate(queries @ gallery.T):
-        scored = [(-float(s), i) for i, s in enumerate(row) if exclude is None or i != exclude[q]]
-        out.append([i for _, i in sorted(scored)[:k]])
-    return out
-
-
-def test_top_k_by_hand_with_ties_broken_by_lower_index():
+@pytest.mark.parametrize("kind", ["exact", "faiss-flat"])
+def test_exclude_drops_only_the_given_row_and_minus_one_drops_nothing(kind):
     gallery = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8], [1, 0]], np.float32)
-    indices, sims = top_k(np.array([[1, 0], [0, 1]], np.float32), gallery, 2)
-    assert indices.tolist() == [[0, 2], [1, 3]]
-    assert np.allclose(sims, [[1, 1], [1, 0.8]])
-    indices, _ = top_k(np.array([[1, 0]], np.float32), gallery, 2, exclude=[0])
-    assert indices.tolist() == [[2, 4]]
-
-
-@pytest.mark.parametrize("k", [1, 3, 40, 99])
-def test_top_k_matches_brute_force_across_chunks(monkeypatch, k):
-    monkeypatch.setattr("triplet.deploy.neighbours.CHUNK_CELLS", 7 * 40)  # 7 queries per chunk
-    gallery = np.round(unit(40), 1)  # rounding makes ties
-    queries = np.round(unit(23, seed=1), 1)
-    exclude = np.where(np.arange(23) % 3 == 0, np.arange(23), -1)
-    indices, sims = top_k(queries, gallery, k, exclude)
-    assert indices.tolist() == brute_force(queries, gallery, min(k, 39), exclude)
-    assert np.allclose(sims, np.take_along_axis(queries @ gallery.T, indices, axis=1))
-
-
-def test_top_k_refuses_mismatched_shapes():
-    with pytest.raises(ValueError, match="Q x D"):
-        top_k(np.ones((2, 3)), np.ones((4, 5)), 1)
+    queries = np.array([[1, 0], [1, 0], [0, 1]], np.float32)
+    indices, sims = build_index(kind, gallery).search(queries, 2, exclude=[0, -1, 3])
+    assert indices[:2].tolist() == [[2, 4], [0, 2]] and indices[2, 0] == 1  # ties by lower index
+    assert indices[2, 1] == 0 or kind != "exact"  # a tie across the k-th place: faiss picks its own
+    assert np.allclose(sims, [[1, 1], [1, 1], [1, 0]])
+    assert np.array_equal(build_index(kind, gallery).search(queries, 9)[0], top_k(queries, gallery, 5)[0])
 
 
 def test_resolve_kind_by_gallery_size():

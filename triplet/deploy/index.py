@@ -3,7 +3,8 @@
 All kinds share one small interface, so scripts/search.py and scripts/serve.py never care which
 one answers: ``add(vectors)``, ``search(queries, k, exclude=None) -> (indices, similarities)``
 in the contract of ``triplet.deploy.neighbours.top_k`` (approximate kinds may miss a true
-neighbour; ``scripts/benchmark_search.py`` measures how often), and ``to_bytes``/``from_bytes``
+neighbour, ``scripts/benchmark_search.py`` measures how often; faiss settles a tie across the
+k-th place its own way, ties inside the k are ordered by index), and ``to_bytes``/``from_bytes``
 so an index is saved beside the gallery cache and reloaded instead of rebuilt. Embeddings are
 unit vectors, so the inner product is the cosine similarity.
 
@@ -102,8 +103,12 @@ class ExactIndex:
         self.vectors = np.concatenate([self.vectors, np.asarray(vectors, np.float32).reshape(-1, self.dim)])
 
     def search(self, queries, k, exclude=None):
+        k = max(0, min(int(k), len(self) - (exclude is not None)))
         with one_thread_for_few(len(queries)):
-            return top_k(queries, self.vectors, k, exclude)
+            indices, sims = top_k(queries, self.vectors, k + (exclude is not None))
+        if exclude is not None:  # as faiss: one more, then drop it; -1 excludes nothing
+            indices, sims = _drop_excluded(indices, sims, exclude, k)
+        return indices, sims
 
     def to_bytes(self):
         return np.ascontiguousarray(self.vectors).view(np.uint8).ravel()
@@ -163,6 +168,8 @@ class FaissIndex:
             return np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.float32)
         with one_thread_for_few(len(queries), self.faiss):
             sims, indices = self.index.search(queries, k + (exclude is not None))
+        order = np.lexsort((np.where(indices < 0, np.iinfo(np.int64).max, indices), -sims), axis=-1)
+        indices, sims = np.take_along_axis(indices, order, 1), np.take_along_axis(sims, order, 1)
         if exclude is not None:
             indices, sims = _drop_excluded(indices, sims, exclude, k)
         return indices.astype(np.int64), sims.astype(np.float32)

@@ -1,55 +1,59 @@
-"""Exact nearest neighbours by cosine similarity (inner product of unit vectors), in NumPy only.
+"""Exact nearest neighbours by cosine similarity, in NumPy only: one routine for every caller.
 
-One contract for every caller (metrics, plots, search, the server's exact index): the ``k``
-most similar gallery rows per query, most similar first, ties broken by the lower gallery
-index, so results never depend on the sort algorithm or the chunk size.
+Evaluation metrics, the retrieval figure and gallery search all rank a gallery for each query by
+the inner product of L2-normalised embeddings, most similar first, ties broken by the lower
+gallery index, so every ranking is deterministic and the three can never disagree. Queries are
+processed in chunks, so memory is a ``chunk_size x N`` block, never ``N x N``.
 """
 import numpy as np
 
-CHUNK_CELLS = 1 << 24  # similarities held at once (64 MB of float32): bounds memory on big galleries
+
+def normalise(x):
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _top_k_rows(sims, k):
-    """Per row of a similarity block: the ``k`` best columns (ties: lower column) and their values."""
-    n = sims.shape[1]
-    if k >= n:
-        order = np.argsort(-sims, axis=1, kind="stable")
-        return order, np.take_along_axis(sims, order, axis=1)
-    part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    kth = np.take_along_axis(sims, part, axis=1).min(axis=1)
-    indices = np.empty((len(sims), k), np.int64)
-    for r, (row, threshold) in enumerate(zip(sims, kth)):
-        candidates = np.flatnonzero(row >= threshold)  # all strictly better ones plus every tie
-        best = candidates[np.lexsort((candidates, -row[candidates]))[:k]]
-        indices[r] = best
-    return indices, np.take_along_axis(sims, indices, axis=1)
+    """Column indices of the k largest values of each row, by (value desc, index asc), exactly.
 
-
-def top_k(queries, gallery, k, exclude=None):
-    """The ``k`` gallery rows most similar to each query: ``(indices, similarities)``, Q x k each.
-
-    ``exclude`` (optional, one gallery index per query, -1 for none) drops that row from the
-    query's candidates, e.g. the query itself when it is also in the gallery (leave-one-out).
-    ``k`` is clipped to the number of candidates left.
+    ``argpartition`` finds each row's k-th value v; the top-k set is every column above v plus
+    the lowest-index columns equal to v, so ties across the k-th place are settled by index.
     """
-    queries = np.asarray(queries, np.float32)
-    gallery = np.asarray(gallery, np.float32)
-    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"top_k: queries {queries.shape} and gallery {gallery.shape} must be Q x D and N x D")
-    k = max(0, min(int(k), len(gallery) - (exclude is not None)))
-    if exclude is not None:
-        exclude = np.asarray(exclude, np.int64)
-        if exclude.shape != (len(queries),):
-            raise ValueError(f"top_k: exclude needs one index per query, got shape {exclude.shape}")
+    if k >= sims.shape[1]:
+        return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(sims, part, axis=1).min(axis=1)[:, None]
+    take = sims >= kth
+    tied = take.sum(axis=1) > k
+    if tied.any():
+        equal = sims[tied] == kth[tied]
+        above = sims[tied] > kth[tied]
+        need = k - above.sum(axis=1, keepdims=True)
+        take[tied] = above | (equal & (np.cumsum(equal, axis=1, dtype=np.int32) <= need))
+    columns = np.nonzero(take)[1].reshape(len(sims), k)  # each row's k columns, in index order
+    order = np.argsort(-np.take_along_axis(sims, columns, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(columns, order, axis=1)
+
+
+def top_k(queries, gallery, k, exclude=None, chunk_size=1024):
+    """The ``k`` gallery rows most similar to each query: ``(indices, similarities)``, both Q x k.
+
+    ``queries`` and ``gallery`` are expected L2-normalised (``normalise``), so the inner product
+    is the cosine similarity. ``exclude``: one gallery index per query that is never returned
+    (the query itself, in leave-one-out retrieval). ``k`` is capped at what the gallery holds.
+    """
+    queries, gallery = np.asarray(queries, np.float32), np.asarray(gallery, np.float32)
+    k = max(0, min(k, len(gallery) - (exclude is not None)))
     indices = np.empty((len(queries), k), np.int64)
-    sims = np.empty((len(queries), k), np.float32)
-    if k == 0:
-        return indices, sims
-    step = max(1, CHUNK_CELLS // max(1, len(gallery)))
-    for start in range(0, len(queries), step):
-        block = queries[start:start + step] @ gallery.T
+    similarities = np.empty((len(queries), k), np.float32)
+    for start in range(0, len(queries), chunk_size):
+        stop = min(start + chunk_size, len(queries))
+        sims = queries[start:stop] @ gallery.T + np.float32(0.0)  # + 0.0: -0.0 ties with +0.0
         if exclude is not None:
-            rows = np.flatnonzero(exclude[start:start + step] >= 0)
-            block[rows, exclude[start:start + step][rows]] = -np.inf
-        indices[start:start + step], sims[start:start + step] = _top_k_rows(block, k)
-    return indices, sims
+            sims[np.arange(stop - start), np.asarray(exclude)[start:stop]] = -np.inf
+        if k:
+            idx = _top_k_rows(sims, k)
+            indices[start:stop] = idx
+            similarities[start:stop] = np.take_along_axis(sims, idx, axis=1)
+    return indices, similarities
