@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from triplet import engine, runs, runtime
-from triplet.checkpoint import model_from_checkpoint
+from triplet.checkpoint import checkpoint_options, model_from_checkpoint
 from triplet.cli import check, run
 from triplet.data.datasets import ImageDataset
-from triplet.fileio import atomic_path, read_json, write_json
+from triplet.fileio import atomic_path, write_json
 from triplet.model import BACKBONES, build_model
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, run_data_options
 from triplet.data.transforms import EvalTransform
@@ -27,7 +27,7 @@ from triplet.data.transforms import EvalTransform
 
 @dataclass
 class Options(DataOptions):
-    run: str = field(default="", metadata={"help": "run folder (RUN_DIR) to evaluate and write into"})
+    run: str = field(default="", metadata={"required": True, "help": "run folder (RUN_DIR) to evaluate and write into"})
     checkpoint: str = field(default="best", metadata={
         "help": "best, last, none (the untrained trunk: what training added), or a checkpoint path"})
     data_dir: str = field(default="", metadata={"help": "data folder (default: the one the run was trained on)"})
@@ -52,15 +52,16 @@ def load_model(opts, run_dir):
     config_path = run_dir / "config.json"
     if opts.checkpoint == "none":
         if config_path.exists():
-            options = read_json(config_path)["options"]
+            options = runs.read_config(config_path)["options"]
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             options = dataclasses.asdict(opts) | {"data_dir": opts.data_dir or "data", "margin": 1.0}
+        runs.require_options(options, ("backbone", "embedding_dim", "weights", "image_size"), config_path)
         model = build_model(options["backbone"], options["embedding_dim"], options["weights"])
         return model.eval(), options, {"checkpoint": "none", "epoch": 0}
     path = run_dir / f"checkpoint_{opts.checkpoint}.pt" if opts.checkpoint in ("best", "last") else Path(opts.checkpoint)
     model, checkpoint = model_from_checkpoint(path)
-    options = checkpoint["config"]["options"]
+    options = runs.require_options(checkpoint_options(checkpoint, path), ("backbone", "embedding_dim", "image_size"), path)
     return model, options, {"checkpoint": str(path), "epoch": checkpoint["epoch"] + 1}
 
 

@@ -12,6 +12,7 @@ from triplet.data import cub
 from triplet.cli import check, run
 from triplet.errors import UserError
 from triplet.data.prepare import DataOptions, prepare
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -22,23 +23,34 @@ class Options(DataOptions):
         "help": "expected MD5 of the archive; change it only for an archive you built yourself"})
     no_download: bool = field(default=False, metadata={
         "help": "fail instead of downloading when the dataset is absent"})
-    workers: int = field(default=0, metadata={"help": "processes that decode images (0: one per core, at most 8)"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse an image with more pixels than this (a decompression bomb); 64 million passes 50-megapixel photos"})
+    max_members: int = field(default=cub.MAX_MEMBERS, metadata={
+        "help": "refuse an archive with more members than this (the CUB archive has about 12,000)"})
+    max_extract_gb: float = field(default=cub.MAX_EXTRACT_BYTES / 1e9, metadata={
+        "help": "refuse an archive that unpacks to more gigabytes than this (the CUB archive: about 1.2)"})
+    workers: int = field(default=-1, metadata={
+        "help": "processes that decode images (-1: one per usable core, at most 8; 0: decode in this process)"})
     synthetic: bool = field(default=False, metadata={
         "help": "write a synthetic dataset in the exact CUB_200_2011 layout instead (no network)"})
     classes: int = field(default=200, metadata={"help": "--synthetic: number of classes"})
     per_class: int = field(default=60, metadata={"help": "--synthetic: images per class"})
-    image_size: int = field(default=500, metadata={"help": "--synthetic: image width in pixels (height is 3/4 of it, like CUB)"})
+    synthetic_size: int = field(default=500, metadata={
+        "help": "--synthetic/--digits: image width in pixels (height is 3/4 of it, like CUB)"})
     seed: int = field(default=0, metadata={"help": "--synthetic: random seed"})
     digits: bool = field(default=False, metadata={
         "help": "write scikit-learn's 1,797 real handwritten digits (10 classes) in the CUB layout instead, "
-                "at --image-size (an offline real-image set)"})
+                "at --synthetic-size (an offline real-image set)"})
     pack: str = field(default="", metadata={
         "help": "--synthetic/--digits: also pack the set as a .tgz at this path (like the official archive) and print its MD5"})
 
     def __post_init__(self):
         check(self.resize >= 8, "--resize must be at least 8 pixels")
         check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
-        check(self.workers >= 0, "--workers must be >= 0")
+        check(self.workers >= -1, "--workers must be -1 (automatic), 0 or more")
+        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
+        check(self.max_members >= 1, f"--max-members {self.max_members}: must be >= 1")
+        check(self.max_extract_gb > 0, f"--max-extract-gb {self.max_extract_gb}: must be > 0")
         check(not (self.synthetic and self.digits), "--synthetic and --digits: pick one")
 
 
@@ -48,10 +60,10 @@ def main(opts):
         from triplet.data import synthetic
         from triplet.data.layout import pack_archive
         if opts.digits:
-            root = synthetic.make_digits_cub(data_dir, opts.image_size, opts.seed)
+            root = synthetic.make_digits_cub(data_dir, opts.synthetic_size, opts.seed)
             print(f"wrote scikit-learn's handwritten digits in the CUB-200-2011 layout to {root}")
         else:
-            root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.image_size, opts.seed)
+            root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, opts.seed)
             print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
         if opts.pack:
             print(f"packed {opts.pack} (MD5 {pack_archive(data_dir, opts.pack)})")
@@ -70,8 +82,8 @@ def main(opts):
         else:
             archive = cub.download(data_dir / cub.CUB_ARCHIVE, md5=opts.md5)
         print(f"extracting {archive} into {data_dir}")
-        cub.safe_extract(archive, data_dir)
-    prepare(opts, workers=opts.workers or None)
+        cub.safe_extract(archive, data_dir, opts.max_members, int(opts.max_extract_gb * 1e9))
+    prepare(opts, workers=opts.workers, max_pixels=opts.max_pixels)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from triplet.deploy.gallery import load_gallery
 from triplet.deploy.grid import draw_grid
 from triplet.deploy.index import KINDS
 from triplet.deploy.inference import OnnxEmbedder
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Options:
     grid: str = field(default="", metadata={"help": "also draw each query and its matches with scores "
                                             "into this PNG"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bar while embedding"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse an image with more pixels than this (a decompression bomb); 64 million passes 50-megapixel photos"})
 
     def __post_init__(self):
         check(self.model, "--model is required: an ONNX file written by scripts/export_onnx.py")
@@ -50,6 +53,7 @@ class Options:
         check(self.query, "--query is required: one or more images")
         check(self.top_k >= 1, "--top-k must be >= 1")
         check(self.batch_size >= 1, "--batch-size must be >= 1")
+        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
         check(not self.grid or self.grid.lower().endswith(".png"), f"--grid {self.grid}: must end in .png")
 
 
@@ -64,7 +68,7 @@ def self_positions(queries, gallery):
 
 
 def main(opts):
-    embedder = OnnxEmbedder(opts.model)
+    embedder = OnnxEmbedder(opts.model, max_pixels=opts.max_pixels)
     queries = embedder.embed(opts.query, opts.batch_size)  # first: a bad query fails before a long gallery pass
     gallery = load_gallery(embedder, opts.gallery, opts.cache or None, opts.index, opts.batch_size,
                            progress=not opts.no_progress, log=log, use_cache=not opts.no_cache)

@@ -19,6 +19,7 @@ from triplet.cli import check, run
 from triplet.deploy.gallery import load_gallery
 from triplet.deploy.index import KINDS
 from triplet.deploy.inference import OnnxEmbedder
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 from triplet.deploy.server import create_app, load_browse_set
 from triplet.errors import UserError
 from triplet.fileio import read_json
@@ -40,8 +41,8 @@ class Options:
                                              "(default: $XDG_CACHE_HOME/triplet or ~/.cache/triplet)"})
     no_cache: bool = field(default=False, metadata={"help": "embed the gallery afresh and write no cache"})
     max_upload_mb: float = field(default=20.0, metadata={"help": "largest upload accepted, in MB (413 above)"})
-    max_megapixels: float = field(default=40.0, metadata={"help": "largest image accepted, in megapixels "
-                                                          "(413 above: decompression bombs)"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse an image with more pixels than this (a decompression bomb; uploads get 413)"})
     batch_size: int = field(default=64, metadata={"help": "images per onnxruntime call while embedding the gallery"})
 
     def __post_init__(self):
@@ -50,7 +51,7 @@ class Options:
         check(0 <= self.port <= 65535, "--port must be from 0 to 65535")
         check(1 <= self.top_k <= 100, "--top-k must be from 1 to 100")
         check(self.max_upload_mb > 0, "--max-upload-mb must be > 0")
-        check(self.max_megapixels > 0, "--max-megapixels must be > 0")
+        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
         check(self.batch_size >= 1, "--batch-size must be >= 1")
 
 
@@ -84,14 +85,14 @@ def main(opts):
     import uvicorn  # here: --help and option errors stay fast
 
     check_port(opts.host, opts.port)
-    embedder = OnnxEmbedder(opts.model)
+    embedder = OnnxEmbedder(opts.model, max_pixels=opts.max_pixels)
     gallery = load_gallery(embedder, opts.gallery, opts.cache or None, opts.index, opts.batch_size,
                            progress=True, log=log, use_cache=not opts.no_cache)
     run_dir = browse_run(opts, embedder)
     browse = load_browse_set(run_dir) if run_dir else None
     metrics = read_json(run_dir / "metrics.json") if run_dir and (run_dir / "metrics.json").is_file() else None
     app = create_app(embedder, gallery, browse, opts.top_k, int(opts.max_upload_mb * 2**20),
-                     int(opts.max_megapixels * 1e6), metrics)
+                     opts.max_pixels, metrics)
     try:
         loopback = ipaddress.ip_address(opts.host).is_loopback
     except ValueError:

@@ -8,6 +8,7 @@
 Writes RUN_DIR/config.json, history.csv (one row per epoch), checkpoint_last.pt (every epoch)
 and checkpoint_best.pt (best validation Precision@1).
 """
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,8 @@ import torch
 
 from triplet import distributed as dist
 from triplet import engine, runs, runtime
-from triplet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from triplet.cli import check, run
+from triplet.checkpoint import REQUIRED_KEYS, RESUME_KEYS, load_checkpoint, load_model_state, save_checkpoint
+from triplet.cli import check, plural, run
 from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
 from triplet.errors import UserError
 from triplet.mining import get_miner
@@ -34,7 +35,7 @@ class Options(DataOptions):
     weights: str = field(default="imagenet", metadata={
         "help": "trunk initialisation: imagenet (torchvision's IMAGENET1K_V1), none (random), or a state-dict path"})
     embedding_dim: int = field(default=128, metadata={"help": "size of the L2-normalised embedding"})
-    epochs: int = field(default=20, metadata={"help": "number of epochs"})
+    epochs: int = field(default=20, metadata={"role": "extendable", "help": "number of epochs"})
     lr: float = field(default=0.001, metadata={"help": "Adam learning rate"})
     batch_size: int = field(default=32, metadata={
         "help": "triplets per step (--mining none) or images per PK batch (P x K, online mining)"})
@@ -49,20 +50,21 @@ class Options(DataOptions):
     crop_scale: float = field(default=0.08, metadata={
         "help": "smallest training crop, as a fraction of the image's area (RandomResizedCrop; torchvision's "
                 "default 0.08). Raise it (0.3-0.5) when the object is small or must stay whole"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: 1 on CPU, up to 8 per GPU)"})
-    eval_batch_size: int = field(default=128, metadata={"help": "images per batch when embedding for validation"})
-    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
-    precision: str = field(default="auto", metadata={
+    workers: int = field(default=-1, metadata={"role": "runtime", "help": "DataLoader workers (-1: 1 on CPU, up to 8 per GPU)"})
+    eval_batch_size: int = field(default=128, metadata={"role": "runtime", "help": "images per batch when embedding for validation"})
+    device: str = field(default="auto", metadata={"role": "runtime", "choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
+    precision: str = field(default="auto", metadata={"role": "runtime",
         "choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast on CUDA and AVX-512-bf16 CPUs, else fp32"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays on GPUs; slower on small CPUs)"})
+    compile: bool = field(default=False, metadata={"role": "runtime", "help": "torch.compile the model (pays on GPUs; slower on small CPUs)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, triplets, batches and augmentation"})
     deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms (CUDA users; CPU runs are already reproducible)"})
-    out: str = field(default="results/run", metadata={"help": "run folder (RUN_DIR)"})
-    resume: bool = field(default=False, metadata={"help": "continue from RUN_DIR/checkpoint_last.pt (starts fresh when there is none)"})
-    force: bool = field(default=False, metadata={"help": "overwrite a run folder that already holds a run"})
-    gpu_cache: bool = field(default=False, metadata={
+    out: str = field(default="results/run", metadata={"role": "runtime", "help": "run folder (RUN_DIR)"})
+    resume: bool = field(default=False, metadata={"role": "runtime", "help": "continue from RUN_DIR/checkpoint_last.pt (starts fresh when there is none)"})
+    force: bool = field(default=False, metadata={"role": "runtime", "help":
+        "replace the run RUN_DIR holds: once the new run is about to write, its files move to RUN_DIR/replaced-<time>/"})
+    gpu_cache: bool = field(default=False, metadata={"role": "runtime",
         "help": "decode the training images once and keep them (uint8) on the device; augment there (forces --workers 0)"})
-    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar per epoch"})
+    progress: bool = field(default=True, metadata={"role": "runtime", "help": "hide the per-epoch progress bar (for logs and CI)"})
 
     def __post_init__(self):
         check(self.backbone in BACKBONES, f"--backbone {self.backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
@@ -97,12 +99,13 @@ def make_train_loader(opts, paths, labels, device, workers):
 
 
 def history_row(epoch, stats, val, lr, seconds):
+    """A history.csv row as a plain dict (checkpoints hold plain types); NaN where not measured."""
     nan = float("nan")
-    return {"epoch": epoch, "train_loss": round(stats.get("train_loss", nan), 6),
-            "active_triplets": round(stats.get("active_triplets", nan), 2),
-            "val_loss": round(val.get("loss", nan), 6),
-            "val_triplet_accuracy": round(val.get("triplet_accuracy", nan), 4),
-            "val_precision_at_1": round(val.get("precision_at_1", nan), 4), "lr": lr, "seconds": round(seconds, 1)}
+    return dataclasses.asdict(runs.HistoryRow(
+        epoch=epoch, train_loss=round(stats.get("train_loss", nan), 6),
+        active_triplets=round(stats.get("active_triplets", nan), 2), val_loss=round(val.get("loss", nan), 6),
+        val_triplet_accuracy=round(val.get("triplet_accuracy", nan), 4),
+        val_precision_at_1=round(val.get("precision_at_1", nan), 4), lr=lr, seconds=round(seconds, 1)))
 
 
 def format_row(row, epochs, improved):
@@ -121,9 +124,10 @@ def main(opts):
     log = print if dist.is_main() else (lambda *a, **k: None)
     run_dir = Path(opts.out)
     config = runs.make_config(opts, device, precision, dist.world_size())
-    decision = None
-    if dist.is_main():  # only rank 0 touches the folder; every rank then follows its decision
+    decision, lock = None, None
+    if dist.is_main():  # only rank 0 locks and touches the folder; every rank then follows its decision
         try:
+            lock = runs.lock_run_dir(run_dir)  # held until this process ends
             decision = ("ok", runs.claim_run_dir(run_dir, config, opts.resume, opts.force, runs.option_defaults(opts)))
         except UserError as e:
             decision = ("error", str(e))
@@ -150,14 +154,14 @@ def main(opts):
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     start_epoch, best_metric, history = 0, float("-inf"), []
     if resume_from:
-        checkpoint = load_checkpoint(resume_from)
+        checkpoint = load_checkpoint(resume_from, REQUIRED_KEYS + RESUME_KEYS)
         load_model_state(model, checkpoint["model"], resume_from)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
         log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
     if start_epoch >= opts.epochs:
-        log(f"{run_dir}: already trained for {start_epoch} epochs; nothing to do")
+        log(f"{run_dir}: already trained for {plural(start_epoch, 'epoch')}; nothing to do")
         return
     model.to(device, memory_format=torch.channels_last)
     net = model
@@ -165,7 +169,9 @@ def main(opts):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if opts.compile:
         net = runtime.compile_model(net, device)
-    if dist.is_main():
+    if dist.is_main():  # the first write: everything above was checked, so --force replaces only now
+        if opts.force:
+            runs.set_aside_old_run(run_dir, log)
         runs.write_config(run_dir, config)
     log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "
         f"images, {len(train_loader)} steps per epoch, mining={opts.mining}, workers={workers}")

@@ -76,14 +76,15 @@ def test_archive_path_end_to_end(synthetic_root, tmp_path):
     assert paths and archive.exists()
 
 
-def test_wrong_md5_is_refused_and_the_file_removed(synthetic_root, tmp_path):
+def test_wrong_md5_is_refused_and_the_users_archive_kept(synthetic_root, tmp_path):
     archive = tmp_path / "CUB_200_2011.tgz"
     pack_archive(synthetic_root, archive)
+    before = archive.read_bytes()
     result = run_script("prepare_data", "--data-dir", tmp_path / "data", "--archive", archive, check=False)
     assert result.returncode == 2
-    assert "does not match" in result.stderr and "deleted" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not archive.exists() and not (tmp_path / "data" / "CUB_200_2011").exists()
+    assert "does not match" in result.stderr and "left untouched" in result.stderr
+    assert "deleted" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert archive.read_bytes() == before and not (tmp_path / "data" / "CUB_200_2011").exists()
 
 
 def _evil_archive(path, member_name, kind=tarfile.REGTYPE):
@@ -263,3 +264,14 @@ def test_an_empty_test_split_is_refused(data_copy):
     split.write_text("".join(f"{line.split()[0]} 1\n" for line in split.read_text().splitlines()))
     with pytest.raises(UserError, match="the test split of --split official is empty"):
         prepare(DataOptions(data_dir=str(data_copy), resize=40), workers=1, log=lambda *a: None)
+
+
+def test_a_missing_prepared_copy_names_the_options_and_the_copies_that_exist(synthetic_root):
+    from triplet.data.prepare import missing_prepared_message
+
+    wanted = prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=256))
+    message = missing_prepared_message(wanted)
+    assert "--resize, --val-fraction" in message and str(wanted) in message
+    assert "official-r48-val0.1-seed0 (--split official --resize 48 --val-fraction 0.1 --split-seed 0)" in message
+    with pytest.raises(UserError, match="--resize 48"):
+        read_manifest(wanted, "train")

@@ -1,4 +1,5 @@
 """The torch-free deployment side: OnnxEmbedder and its errors (search: test_search.py)."""
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.conftest import call_script
 from triplet.checkpoint import model_from_checkpoint
 from triplet.errors import UserError
 from triplet.deploy.inference import OnnxEmbedder
@@ -77,3 +79,17 @@ def test_clear_error_for_an_unreadable_image(model_path, tmp_path):
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(UserError, match="broken.jpg: not a readable image"):
         OnnxEmbedder(model_path).embed([bad])
+
+
+def test_search_refuses_a_decompression_bomb_in_one_line(model_path, images, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb, optimize=True)  # 100 megapixels in a small file
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    shutil.copy(images[0], gallery / "a.jpg")
+    status, output = call_script("search", "--model", model_path, "--gallery", gallery, "--query", bomb)
+    assert status == 2 and len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    assert "bomb.png: 10000x10000 pixels (100 megapixels) is over the limit of 64 megapixels" in output
+    status, output = call_script("search", "--model", model_path, "--gallery", gallery, "--query", images[0],
+                                 "--max-pixels", 100)
+    assert status == 2 and "over the limit of 0.0001 megapixels" in output

@@ -1,17 +1,18 @@
 """Retrieval and triplet metrics: pure functions of embeddings and labels, all percentages 0-100.
 
 Retrieval uses cosine similarity (embeddings are normalised here), compares every query with all
-other images (itself excluded) and breaks similarity ties by the lower gallery index, so results
-are deterministic. It works on chunks of query rows with ``torch.topk`` (k = the largest of the
-requested k and R), so no N x N matrix or full sort is ever needed; rows with a tie across the
-k-th place fall back to a top-k over an int64 key that packs (similarity, -index) into one number.
-MAP@R and R-Precision follow Musgrave et al., "A Metric Learning Reality Check" (2020); queries
+other images (itself excluded) and ranks them with ``triplet.deploy.neighbours.top_k``, the one
+nearest-neighbour routine that search and the figures use too: ties go to the lower gallery
+index, so results are deterministic, and it works on chunks of query rows (k = the largest of
+the requested k and R), so no N x N matrix or full sort is ever needed. MAP@R and R-Precision follow Musgrave et al., "A Metric Learning Reality Check" (2020); queries
 whose class has no other member (R = 0) are left out of those two, but still count (as misses)
 in precision@k and recall@k.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from triplet.deploy.neighbours import top_k
 
 
 def _as_float(x):
@@ -28,53 +29,12 @@ def _label_codes(labels):
     return torch.from_numpy(codes.reshape(-1).astype(np.int64))
 
 
-def _exact_order(sim, k):
-    """Top-k indices of each row of ``sim`` by (value desc, index asc), exact under any ties.
-
-    The float32 value is mapped to an order-preserving int32 (negatives get their low 31 bits
-    flipped), shifted into the high half of an int64, and ``n-1-index`` fills the low half, so
-    every key in a row is distinct and ``topk`` has nothing left to break arbitrarily.
-    """
-    n = sim.shape[1]
-    bits = sim.masked_fill(sim == 0, 0.0).view(torch.int32)  # -0.0 and +0.0 must tie
-    sign = bits >> 31
-    sign &= 0x7FFFFFFF
-    bits ^= sign
-    del sign
-    key = bits.to(torch.int64)
-    del bits
-    key <<= 32
-    key += torch.arange(n - 1, -1, -1, dtype=torch.int64)
-    return torch.topk(key, k, dim=1).indices
-
-
-def _nearest(x, start, stop, k):
-    """Indices of the k most similar other rows for queries start:stop, by (sim desc, index asc).
-
-    A float ``topk`` of k+1 fixes the top-k *set* whenever the k-th and (k+1)-th values differ;
-    ties inside that set are then ordered by index with a small stable sort. Rows with a tie
-    across the k-th boundary (rare, except for collapsed embeddings) take the exact int64 key.
-    """
-    sim = x[start:stop] @ x.T
-    rows = torch.arange(stop - start)
-    sim[rows, rows + start] = -float("inf")  # never retrieve the query itself
-    vals, idx = torch.topk(sim, k + 1, dim=1)  # k <= N-1, so k+1 fits
-    tied = vals[:, k - 1] == vals[:, k]
-    vals, idx = vals[:, :k] + 0.0, idx[:, :k]  # + 0.0 turns -0.0 into +0.0
-    idx, perm = idx.sort(dim=1)
-    order = vals.gather(1, perm).sort(dim=1, descending=True, stable=True).indices
-    idx = idx.gather(1, order)
-    if tied.any():
-        idx[tied] = _exact_order(sim[tied], k)
-    return idx
-
-
 def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
                       chunk_size=1024, with_nmi=True, seed=0, n_init=3):
     """Precision@k, Recall@k, MAP@R, R-Precision (and NMI) of leave-one-out cosine retrieval.
 
     With fewer than k other images, precision@k divides by N-1 instead of k. Working memory is
-    a chunk_size x N float32 block (~250 MB for N = 60,000), up to ~5x that if many rows tie.
+    a chunk_size x N float32 block (~250 MB for N = 60,000) and its masks.
     """
     x = F.normalize(_as_float(embeddings), dim=1)
     codes = _label_codes(labels)
@@ -88,9 +48,11 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
     prec = {k: 0.0 for k in ks}
     rec = {k: 0.0 for k in recall_ks}
     map_r = r_prec = 0.0
+    x_np = x.numpy()
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        rel = codes[_nearest(x, start, stop, kmax)] == codes[start:stop, None]
+        nearest, _ = top_k(x_np[start:stop], x_np, kmax, exclude=np.arange(start, stop), chunk_size=chunk_size)
+        rel = codes[torch.from_numpy(nearest)] == codes[start:stop, None]
         hits = rel.cumsum(1, dtype=torch.float64)
         for k in ks:
             prec[k] += (hits[:, min(k, n - 1) - 1] / min(k, n - 1)).sum().item()

@@ -2,8 +2,8 @@
 
 Decoding the original JPEGs (about 500x375, some grayscale, a few CMYK) on every access would
 cost more than the model on a GPU; the prepared copy has short side ``resize`` and three
-channels, and its manifests fix the splits. ``prepare.json`` is written last, so a folder with
-it is complete, and re-running with the same options does nothing.
+channels (JPEG, named ``.jpg``), and its manifests fix the splits. ``prepare.json`` is written
+last; re-running with the same options does nothing, or redoes only images that went missing.
 """
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -13,8 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from triplet.data import cub
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
-from triplet.fileio import atomic_path, read_csv, read_json, write_csv, write_json
+from triplet.fileio import atomic_path, read_csv, read_json_object, write_csv, write_json
 
 MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
 SPLITS = ("train", "val", "test")
@@ -38,7 +39,7 @@ class DataOptions:
 
 def run_data_options(options, data_dir=""):
     """The DataOptions a run was trained with, from its options dict; ``data_dir`` overrides the folder."""
-    data = DataOptions(**{k: options[k] for k in asdict(DataOptions())})
+    data = DataOptions(**{k: options[k] for k in asdict(DataOptions()) if k in options})  # older runs: defaults
     if data_dir:
         data.data_dir = data_dir
     return data
@@ -57,50 +58,80 @@ def _data_options(options):
     return {k: getattr(options, k) for k in asdict(DataOptions()) if k != "data_dir"}
 
 
-def _prepare_image(source, target, resize, bbox):
-    """Decode, convert to RGB, crop, resize, save; any decoding problem names the file."""
+def prepared_relative_path(path):
+    """Prepared images are JPEGs and named so: ``a.png`` becomes ``a.png.jpg`` (no two sources collide)."""
+    return path if path.lower().endswith((".jpg", ".jpeg")) else f"{path}.jpg"
+
+
+def clip_box(bbox, size, source):
+    """(x, y, w, h) -> a crop box inside the image; a box with no pixels in the image is refused."""
+    x, y, w, h = bbox
+    left, top = max(0, int(x)), max(0, int(y))
+    right, bottom = min(size[0], int(round(x + w))), min(size[1], int(round(y + h)))
+    if right <= left or bottom <= top:
+        raise UserError(f"{source}: its bounding box {tuple(bbox)} (x, y, width, height in bounding_boxes.txt) "
+                        f"lies outside the {size[0]}x{size[1]} image; fix the box or prepare without --crop-bbox")
+    return left, top, right, bottom
+
+
+def _prepare_image(source, target, resize, bbox, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode (open_rgb), crop, resize, save as JPEG; any problem names the file."""
     if target.exists():
         return
-    try:
-        with Image.open(source) as image:
-            image = image.convert("RGB")
-            if bbox is not None:
-                x, y, w, h = bbox
-                image = image.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
-            scale = resize / min(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{source}: not a readable image ({e}); replace or remove it") from e
+    image = open_rgb(source, max_pixels)
+    if bbox is not None:
+        image = image.crop(clip_box(bbox, image.size, source))
+    scale = resize / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         image.save(tmp, format="JPEG", quality=95)
 
 
-def prepare(options, workers=None, log=print):
-    """Build (or find) the prepared copy for ``options``; return its folder."""
+def missing_images(prepared):
+    """Manifest rows of a prepared folder whose image is gone (a deleted file, a copy cut short)."""
+    prepared = Path(prepared)
+    return [row["path"] for split in SPLITS if (prepared / f"{split}.csv").exists()
+            for row in read_csv(prepared / f"{split}.csv", MANIFEST_FIELDS[:2]) if not (prepared / (row["path"] or "")).is_file()]
+
+
+def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS):
+    """Build (or find) the prepared copy for ``options``; return its folder.
+
+    ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
+    A complete copy is left alone; one with images missing is completed (existing images kept).
+    """
     out = prepared_dir(options)
     marker = out / "prepare.json"
-    if marker.exists() and read_json(marker).get("options") == _data_options(options):
-        log(f"{out}: already prepared with these options; nothing to do")
-        return out
+    if marker.exists() and read_json_object(marker).get("options") == _data_options(options):
+        missing = missing_images(out)
+        if not missing:
+            log(f"{out}: already prepared with these options; nothing to do")
+            return out
+        log(f"{out}: {len(missing)} prepared image(s) missing (first: {missing[0]}); preparing them again")
     root = Path(options.data_dir) / "CUB_200_2011"
     records = cub.read_metadata(root)
     splits = cub.make_splits(records, options.split, options.val_fraction, options.split_seed)
     for name, part in splits.items():
         if not part and name != "val":
             raise UserError(f"{root}: the {name} split of --split {options.split} is empty")
-    jobs = [(root / "images" / r.path, out / "images" / r.path, options.resize,
-             r.bbox if options.crop_bbox else None) for r in records]
-    workers = workers or min(8, os.cpu_count() or 1)
-    log(f"preparing {len(jobs)} images into {out} with {workers} processes")
+    jobs = [(root / "images" / r.path, out / "images" / prepared_relative_path(r.path), options.resize,
+             r.bbox if options.crop_bbox else None, max_pixels) for r in records]
+    if workers < 0:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
     from tqdm import tqdm
-    with ProcessPoolExecutor(workers) as pool:
-        futures = [pool.submit(_prepare_image, *job) for job in jobs]
-        for future in tqdm(futures, desc="prepare", unit="img"):
-            future.result()
+    if workers == 0:
+        for job in tqdm(jobs, desc="prepare", unit="img"):
+            _prepare_image(*job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_prepare_image, *job) for job in jobs]
+            for future in tqdm(futures, desc="prepare", unit="img"):
+                future.result()
     for name, part in splits.items():
-        rows = [{"path": f"images/{r.path}", "class_id": r.class_id, "class_name": r.class_name,
+        rows = [{"path": f"images/{prepared_relative_path(r.path)}", "class_id": r.class_id, "class_name": r.class_name,
                  "image_id": r.image_id} for r in part]
         write_csv(out / f"{name}.csv", rows, MANIFEST_FIELDS)
     counts = {name: len(part) for name, part in splits.items()}
@@ -110,12 +141,45 @@ def prepare(options, workers=None, log=print):
     return out
 
 
+def _as_flags(options):
+    """Prepared-copy options as the command-line flags that select them."""
+    flags = [f"--split {options['split']}", f"--resize {options['resize']}",
+             f"--val-fraction {options['val_fraction']:g}", f"--split-seed {options['split_seed']}"]
+    return " ".join(flags + (["--crop-bbox"] if options.get("crop_bbox") else []))
+
+
+def missing_prepared_message(prepared):
+    """Why ``prepared`` is not there, and the prepared copies that are (with the flags that pick them)."""
+    prepared = Path(prepared)
+    others = []
+    for marker in sorted(prepared.parent.glob("*/prepare.json")):
+        try:
+            others.append(f"{marker.parent.name} ({_as_flags(read_json_object(marker)['options'])})")
+        except (UserError, KeyError, TypeError):
+            continue
+    text = (f"{prepared}: no prepared data for these options; --resize, --val-fraction, --split, --split-seed "
+            f"and --crop-bbox must match the prepare_data.py run that made it: run `python scripts/prepare_data.py` "
+            f"with the same options (or `make data`)")
+    if others:
+        text += f"; prepared under {prepared.parent}: " + ", ".join(others)
+    return text
+
+
 def read_manifest(prepared, split):
-    """Return (absolute image paths, class ids) of one split of a prepared folder."""
+    """Return (absolute image paths, class ids) of one split of a prepared folder, checked."""
     prepared = Path(prepared)
     path = prepared / f"{split}.csv"
     if not (prepared / "prepare.json").exists() or not path.exists():
-        raise UserError(f"{prepared}: no prepared data; run `python scripts/prepare_data.py` "
-                        f"with the same --data-dir/--split options (or `make data`)")
-    rows = read_csv(path)
-    return [str(prepared / r["path"]) for r in rows], [int(r["class_id"]) for r in rows]
+        raise UserError(missing_prepared_message(prepared))
+    paths, labels = [], []
+    for line, row in enumerate(read_csv(path, MANIFEST_FIELDS[:2]), start=2):
+        image = prepared / (row["path"] or "")
+        try:
+            labels.append(int(row["class_id"]))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}:{line}: class_id {row['class_id']!r} is not an integer") from e
+        if not row["path"] or not image.is_file():
+            raise UserError(f"{path}:{line}: image {image} is missing; the prepared copy is incomplete: run "
+                            f"scripts/prepare_data.py again with the same options (it redoes missing images)")
+        paths.append(str(image))
+    return paths, labels

@@ -31,7 +31,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from triplet.deploy.neighbours import top_k
-from triplet.deploy.preprocess import open_rgb
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -57,9 +57,9 @@ def decode_upload(data, max_pixels):
         raise ApiError(400, "upload: not an image (JPEG, PNG, BMP or WebP expected)") from e
     if width * height > max_pixels:
         raise ApiError(413, f"upload: {width} x {height} pixels is over the limit of {max_pixels} "
-                            f"(a decompression bomb?); send a smaller image")
+                            f"(a decompression bomb?; --max-pixels); send a smaller image")
     try:
-        return open_rgb(io.BytesIO(data))
+        return open_rgb(io.BytesIO(data), max_pixels)
     except (UserError, Image.DecompressionBombError) as e:
         raise ApiError(400, f"upload: not a readable image ({e.__cause__ or e})") from e
 
@@ -128,7 +128,7 @@ def _position(request, size):
 
 
 def create_app(embedder, gallery, browse=None, top_k_default=8, max_upload_bytes=20 * 2**20,
-               max_pixels=40_000_000, metrics=None):
+               max_pixels=DEFAULT_MAX_PIXELS, metrics=None):
     classes = gallery.classes()
     info = {"model": model_summary(embedder.metadata, metrics), "index": gallery.index.kind,
             "gallery": [{"id": i, "path": r, "class": c} for i, (r, c) in enumerate(zip(gallery.rel, classes))],

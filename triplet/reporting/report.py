@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 from triplet.reporting import study
 from triplet.errors import UserError
-from triplet.fileio import read_json, write_text
-from triplet.runs import find_runs
+from triplet.fileio import write_text
+from triplet.runs import describe_recipe, find_runs, read_config, read_metrics
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.
 ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
@@ -26,8 +26,6 @@ ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top
 FIGURES = [("curves.png", "training curves"), ("tsne.png", "t-SNE map"), ("pca.png", "PCA map"),
            ("retrieval.png", "retrieval examples")]
 BENCHMARKS = [("onnx_benchmark.md", "ONNX inference benchmark"), ("train_benchmark.md", "Training-step benchmark")]
-# Train options that decide where or how fast a run goes, not its numbers: left out of the command.
-RUNTIME = {"out", "resume", "force", "progress", "workers", "eval_batch_size", "device", "precision", "compile"}
 DASH = "—"
 
 NOTES = f"""\
@@ -56,25 +54,32 @@ def natural_key(name):
 def load_runs(results_dir, log=print):
     """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped."""
     runs = []
-    for run_dir, metrics in sorted(find_runs(results_dir, log), key=lambda r: r[0]):
+    numeric = [key for key, _, _ in ROWS] + ["epoch", "num_images", "num_classes", "embedding_dim", "image_size"]
+    for run_dir, metrics in sorted(find_runs(results_dir, log, numeric), key=lambda r: r[0]):
         try:
-            config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+            config = read_config(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
             untrained = run_dir / "metrics_untrained.json"
-            untrained = read_json(untrained) if untrained.exists() else None
+            untrained = read_metrics(untrained, numeric) if untrained.exists() else None
         except UserError as e:
             log(f"warning: skipping {run_dir}: {e}")
             continue
         runs.append({"name": run_dir.name, "dir": run_dir, "metrics": metrics,
-                     "options": config.get("options", {}), "environment": config.get("environment", {}),
+                     "options": config.get("options", {}),
+                     "runtime_options": {k for k, role in config.get("option_roles", {}).items() if role == "runtime"},
+                     "environment": config.get("environment", {}),
                      "baseline": metrics.get("checkpoint") == "none", "untrained": untrained})
     return runs
 
 
-def train_command(run_dir, options):
-    """The ``scripts/train.py`` line that reproduces a run, rebuilt from its config.json."""
+def train_command(run_dir, options, runtime=()):
+    """The ``scripts/train.py`` line that reproduces a run, rebuilt from its config.json.
+
+    ``runtime``: options that decide where or how fast the run went, not its numbers (the
+    "runtime" role config.json records): left out, so the command runs on the reader's machine.
+    """
     args = []
     for key, value in options.items():
-        if key in RUNTIME or value is None or value is False:
+        if key in runtime or key == "out" or value is None or value is False:
             continue
         args.append(f"--{key.replace('_', '-')}")
         if value is not True:
@@ -149,10 +154,7 @@ def describe(run):
     if run["baseline"]:
         text = f"untrained {m.get('backbone', '?')} trunk (weights {o.get('weights', 'imagenet')}), no training"
     else:
-        text = (f"{m.get('backbone', o.get('backbone', '?'))} (weights {o.get('weights', '?')}), {o.get('epochs', '?')} "
-                f"epochs, lr {o.get('lr', '?')}, batch {o.get('batch_size', '?')}, mining {o.get('mining', '?')}, "
-                f"margin {o.get('margin', '?')}, scheduler {o.get('scheduler', 'none')}; checkpoint of epoch "
-                f"{m.get('epoch', '?')}")
+        text = f"{describe_recipe(o)}; checkpoint of epoch {m.get('epoch', '?')}"
     text += (f"; embedding {m.get('embedding_dim', '?')}-d, image size {m.get('image_size', '?')}; tested on "
              f"{m.get('num_images', '?')} images of {m.get('num_classes', '?')} classes ({m.get('split', '?')} split).")
     if env:
@@ -186,7 +188,7 @@ def run_section(run, by_name):
     figures = [f"[{label}]({quote(run['name'] + '/' + file)})" for file, label in FIGURES if (run_dir / file).exists()]
     plot = f"python scripts/plot_embeddings.py --run {shlex.quote(str(run_dir))}"
     lines += ["", "Figures: " + (" · ".join(figures) if figures else f"none yet (`{plot}`)")]
-    commands = [] if run["baseline"] or not run["options"] else [train_command(run_dir, run["options"])]
+    commands = [] if run["baseline"] or not run["options"] else [train_command(run_dir, run["options"], run["runtime_options"])]
     commands.append(evaluate_command(run_dir, m, run["options"]))
     if (run_dir / "tsne.png").exists() or (run_dir / "pca.png").exists():
         commands.append(plot)
