@@ -123,6 +123,19 @@ gpu-check: | setup
 bench-train: | setup
 	$(PY) scripts/benchmark_train.py --out $(RESULTS)/train_benchmark.json
 
+##@ Serving
+SERVE_MODEL ?= exports/demo-resnet18.onnx
+SERVE_GALLERY ?= $(DEMO_DATA)/prepared/official-r37-val0.25-seed0/images
+PORT ?= 8000
+INDEX ?= exact
+## serve: the find-similar web page on http://127.0.0.1:8000/ (after `make demo`; SERVE_MODEL= SERVE_GALLERY= PORT= INDEX=faiss)
+serve: | setup
+	$(PY) scripts/serve.py --model $(SERVE_MODEL) --gallery $(SERVE_GALLERY) --port $(PORT) --index $(INDEX)
+
+## bench-search: exact versus faiss flat/HNSW/IVF search on 1e4-1e6 random vectors (a few minutes)
+bench-search: | setup
+	$(PY) scripts/benchmark_search.py --out $(RESULTS)/search_benchmark.json
+
 ##@ Demo
 # A 10-class synthetic set at 32 px (docs/demo.md: why this set and recipe, and the gain across seeds).
 DEMO_DATA := $(DATA_DIR)/demo
@@ -155,7 +168,8 @@ demo: | setup
 	$(PY) scripts/search.py --model exports/demo-resnet18.onnx --gallery $(DEMO_DATA)/prepared/official-r37-val0.25-seed0/images \
 	    --query $(DEMO_DATA)/CUB_200_2011/images/003.*/*_0001_*.jpg --top-k 5
 	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, metrics_untrained.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
-	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"
+	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"; \
+	 echo "see what it finds: make serve (then open http://127.0.0.1:8000/)"
 
 ## demo-study: the study's recipe (random triplets, margin 1) on the same set, beside it in REPORT.md
 demo-study: | setup
@@ -171,4 +185,4 @@ readme: | setup
 clean:
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench gpu-check bench-train demo demo-study readme clean
+.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench gpu-check bench-train demo demo-study serve bench-search readme clean

@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from triplet.bench.cpu import cpu_seconds, others_cell, others_share
 from triplet.bench.timing import write_results
 from triplet.cli import check, run
 from triplet.runtime import cpu_has_bf16, cpu_name, usable_cores
@@ -52,24 +53,6 @@ class Options:
         for name in ("embedding_dim", "image_size", "batch_size", "iterations"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         check(self.warmup >= 0 and self.threads >= 0, "--warmup and --threads must be >= 0")
-
-
-def cpu_seconds():
-    """(CPU seconds all processes used, CPU seconds this one used); the first is None off Linux."""
-    own = sum(os.times()[:2])
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None, own
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own
-
-
-def others_share(start, end, wall):
-    """Share of the machine's CPU that other processes used meanwhile: how contended a timing was."""
-    if start[0] is None:
-        return None
-    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (wall * (os.cpu_count() or 1)))
 
 
 def time_calls(fn, batch, iterations, warmup):
@@ -154,7 +137,7 @@ def markdown(report):
              f"| Setting | batch 1 p50 (ms) | batch 1 p90 (ms) | latency ratio | batch {report['batch_size']} "
              f"(images/s) | throughput ratio | CPU used by others |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        others = "n/a" if r["others_cpu_share"] is None else f"{r['others_cpu_share']:.0%}"
+        others = others_cell(r["others_cpu_share"])
         lines.append(f"| {r['setting']} | {r['batch1_p50_ms']:.1f} | {r['batch1_p90_ms']:.1f} | "
                      f"{r['latency_ratio']:.2f}x | {r[key]:.1f} | {r['throughput_ratio']:.2f}x | {others} |")
     for note in report["notes"]:

@@ -73,3 +73,36 @@ def tiny_run(synthetic_root, tmp_path_factory):
                "--epochs", 2, "--batch-size", 16, "--workers", 0, "--no-progress", "--out", run_dir)
     run_script("evaluate", "--run", run_dir, "--workers", 0)
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def model_path(tiny_run, tmp_path_factory):
+    """The tiny run exported to ONNX (fp32, with its metadata), as scripts/export_onnx.py writes it."""
+    from triplet.checkpoint import model_from_checkpoint
+    from triplet.deploy.export import export_model, run_metadata
+    from triplet.fileio import read_json
+
+    model, checkpoint = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_model(model, path, run_metadata(tiny_run, checkpoint["config"]["options"],
+                                           read_json(tiny_run / "metrics.json")))
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_images(tiny_run):
+    """The tiny run's test images (paths inside the prepared synthetic set)."""
+    from triplet.data.prepare import prepared_dir, read_manifest, run_data_options
+    from triplet.fileio import read_json
+
+    options = read_json(tiny_run / "config.json")["options"]
+    return read_manifest(prepared_dir(run_data_options(options)), "test")[0]
+
+
+def copy_gallery(images, folder):
+    """Copy images into ``folder/<class>/<name>``, as a user's photo folder would be laid out."""
+    for path in images:
+        target = Path(folder) / os.path.basename(os.path.dirname(path)) / os.path.basename(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return Path(folder)

@@ -1,5 +1,4 @@
-"""The torch-free deployment side: OnnxEmbedder, its errors, and scripts/search.py with its cache."""
-import os
+"""The torch-free deployment side: OnnxEmbedder and its errors (search: test_search.py)."""
 import shutil
 import subprocess
 import sys
@@ -10,29 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_script
+from tests.conftest import call_script
 from triplet.checkpoint import model_from_checkpoint
-from triplet.deploy.export import export_model, run_metadata
 from triplet.errors import UserError
-from triplet.fileio import read_json
 from triplet.deploy.inference import OnnxEmbedder
-from triplet.data.prepare import prepared_dir, read_manifest, run_data_options
 from triplet.data.transforms import EvalTransform
 
 
 @pytest.fixture(scope="module")
-def images(tiny_run):
-    options = read_json(tiny_run / "config.json")["options"]
-    return read_manifest(prepared_dir(run_data_options(options)), "test")[0]
-
-
-@pytest.fixture(scope="module")
-def model_path(tiny_run, tmp_path_factory):
-    model, checkpoint = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    export_model(model, path, run_metadata(tiny_run, checkpoint["config"]["options"],
-                                           read_json(tiny_run / "metrics.json")))
-    return path
+def images(test_images):
+    return test_images
 
 
 def test_metadata_is_exposed(model_path, tiny_run):
@@ -95,45 +81,7 @@ def test_clear_error_for_an_unreadable_image(model_path, tmp_path):
         OnnxEmbedder(model_path).embed([bad])
 
 
-def test_search_cli_finds_the_query_and_caches_the_gallery(model_path, images, tmp_path):
-    gallery = tmp_path / "gallery"
-    for path in images[:12]:
-        target = gallery / os.path.basename(os.path.dirname(path)) / os.path.basename(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target)
-    query = sorted(gallery.rglob("*.jpg"))[5]
-    blocker = tmp_path / "blocker"  # scripts/search.py must not need torch either
-    blocker.mkdir()
-    (blocker / "torch.py").write_text("raise ImportError('torch is not available in deployment')\n")
-    env = {"PYTHONPATH": str(blocker)}
-
-    def search(*extra):
-        result = run_script("search", "--model", model_path, "--gallery", gallery, "--query", query, *extra,
-                            "--top-k", 3, env=env)
-        return result.stdout.splitlines()
-
-    lines = search()
-    assert "embedding 12 of 12" in lines[0]
-    first = lines[2].split()
-    assert first[0] == "1." and float(first[1]) > 0.9999
-    assert first[2] == query.relative_to(gallery).as_posix()
-    caches = list(gallery.glob(".triplet-gallery-*.npz"))
-    assert len(caches) == 1
-
-    assert not any("embedding" in line for line in search())  # all cached
-    added = gallery / "new" / "copy.jpg"
-    added.parent.mkdir()
-    shutil.copy(query, added)
-    lines = search(query)  # two queries; the copy is as close as the original
-    assert "embedding 1 of 13" in lines[0] and len([l for l in lines if l.endswith(":")]) == 2
-    assert {lines[2].split()[2], lines[3].split()[2]} == {query.relative_to(gallery).as_posix(), "new/copy.jpg"}
-    with np.load(caches[0]) as cache:
-        assert len(cache["paths"]) == 13
-
-
 def test_search_refuses_a_decompression_bomb_in_one_line(model_path, images, tmp_path):
-    from tests.conftest import call_script
-
     bomb = tmp_path / "bomb.png"
     Image.new("1", (10_000, 10_000)).save(bomb, optimize=True)  # 100 megapixels in a small file
     gallery = tmp_path / "gallery"

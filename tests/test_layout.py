@@ -27,6 +27,8 @@ def run_without_torch(code, *argv):
 
 def test_deploy_and_reporting_import_without_torch():
     modules = ["triplet.deploy.preprocess", "triplet.deploy.neighbours", "triplet.deploy.inference",
+               "triplet.deploy.index", "triplet.deploy.gallery", "triplet.deploy.grid", "triplet.deploy.server",
+               "triplet.bench.cpu", "triplet.bench.search",
                "triplet.reporting.study", "triplet.reporting.plots", "triplet.reporting.report", "triplet.runs",
                "triplet.errors", "triplet.cli", "triplet.fileio"]
     result = run_without_torch("import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)", *modules)

@@ -96,6 +96,16 @@ def test_help_lists_every_target():
         assert re.search(rf"^\s+{re.escape(target)}\s", result.stdout, re.M), target
 
 
+def test_serve_target_serves_what_the_demo_exports(tmp_path):
+    demo = dry_run("demo", tmp_path=tmp_path)
+    serve = next(line for line in dry_run("serve", tmp_path=tmp_path).splitlines() if "scripts/serve.py" in line)
+    search = next(line for line in demo.splitlines() if "scripts/search.py" in line)
+    assert option(serve, "model") == option(search, "model") == "exports/demo-resnet18.onnx"
+    assert option(serve, "gallery") == option(search, "gallery") and option(serve, "index") == "exact"
+    custom = dry_run("serve", "SERVE_MODEL=m.onnx", "SERVE_GALLERY=photos", "PORT=9001", "INDEX=faiss", tmp_path=tmp_path)
+    assert "--model m.onnx --gallery photos --port 9001 --index faiss" in custom
+
+
 def test_demo_baseline_is_the_runs_own_start_and_the_table_comes_from_the_run(tmp_path):
     lines = dry_run("demo", "DEMO_SEED=2", tmp_path=tmp_path).replace("\\\n", " ").splitlines()
     train = next(line for line in lines if "scripts/train.py" in line)

@@ -1,1 +1,1 @@
-"""Deployment: torch-free preprocessing, nearest neighbours and the ONNX embedder; ``export`` (torch) writes the model."""
+"""Deployment, torch-free except ``export``: preprocessing, the ONNX embedder, exact neighbours, gallery indexes, the cached gallery, the web server; ``export`` (torch) writes the model."""

@@ -6,8 +6,7 @@ input size, resize size, mean, std, source run) as JSON-encoded ``metadata_props
 preprocessing is ``triplet.deploy.preprocess.preprocess``, the very function the torch evaluation
 transform calls, so deployed embeddings match evaluation by construction.
 
-Also here: the cached gallery embeddings behind scripts/search.py (``triplet.deploy.neighbours``
-ranks them).
+The gallery (cache, index) behind scripts/search.py and scripts/serve.py is ``triplet.deploy.gallery``.
 """
 import hashlib
 import json
@@ -19,8 +18,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from triplet.errors import UserError
-from triplet.fileio import atomic_path
-from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, list_images, open_rgb, preprocess
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb, preprocess
 
 FORMAT = "triplet-embedding-onnx/1"
 REQUIRED_METADATA = ("backbone", "embedding_dim", "image_size", "resize_size", "mean", "std")
@@ -109,60 +107,9 @@ class OnnxEmbedder:
 
 
 def file_digest(path, length=16):
-    """A short SHA-256 of a file: names the gallery cache, so another model never reuses it."""
+    """A short SHA-256 of a file: a model's or an image's identity in the gallery cache."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:length]
-
-
-def _read_cache(path, digest):
-    """{relative path: (size, mtime_ns, embedding)} from a cache file; empty if absent or damaged."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["model"]) != digest:
-                return {}
-            return {str(p): (int(s), int(m), e) for p, s, m, e in
-                    zip(data["paths"], data["sizes"], data["mtimes"], data["embeddings"])}
-    except (OSError, KeyError, ValueError):
-        return {}
-
-
-def gallery_embeddings(embedder, folder, batch_size=64, log=print):
-    """Embed every image under ``folder``, reusing a cache beside it for unchanged files.
-
-    The cache ``folder/.triplet-gallery-<model digest>.npz`` is keyed on each file's relative
-    path, size and modification time, and on the model: a changed, added or removed file is
-    re-embedded (or dropped) on the next call and the rest are reused. Returns (paths, N x D).
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"--gallery {folder}: folder not found")
-    files = list_images(folder)
-    if not files:
-        raise UserError(f"--gallery {folder}: holds no images (.jpg, .jpeg, .png, .bmp, .webp)")
-    digest = file_digest(embedder.path)
-    cache_path = folder / f".triplet-gallery-{digest}.npz"
-    cached = _read_cache(cache_path, digest)
-    rel = [f.relative_to(folder).as_posix() for f in files]
-    stats = [f.stat() for f in files]
-    keys = [(s.st_size, s.st_mtime_ns) for s in stats]
-    todo = [i for i, (r, k) in enumerate(zip(rel, keys)) if cached.get(r, (None, None))[:2] != k]
-    embeddings = np.empty((len(files), embedder.embedding_dim), np.float32)
-    fresh = set(todo)
-    for i, r in enumerate(rel):
-        if i not in fresh:
-            embeddings[i] = cached[r][2]
-    if todo:
-        log(f"embedding {len(todo)} of {len(files)} gallery images ({len(files) - len(todo)} cached)")
-        embeddings[todo] = embedder.embed([files[i] for i in todo], batch_size)
-    if todo or len(cached) != len(files):
-        try:
-            with atomic_path(cache_path) as tmp, open(tmp, "wb") as f:
-                np.savez(f, model=np.array(digest), paths=np.array(rel), embeddings=embeddings,
-                         sizes=np.array([k[0] for k in keys], np.int64),
-                         mtimes=np.array([k[1] for k in keys], np.int64))
-        except OSError as e:
-            log(f"note: could not write the gallery cache {cache_path} ({e}); continuing without it")
-    return files, embeddings
