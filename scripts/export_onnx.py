@@ -8,13 +8,12 @@ The model takes ``images`` (float32 N x 3 x S x S, normalised as in evaluation) 
 ``embeddings`` (N x D, L2-normalised); its metadata says how to preprocess, so
 ``triplet.deploy.inference.OnnxEmbedder`` and scripts/search.py need nothing else. An export that
 disagrees with torch, or an INT8 model that loses more than --max-drop points of test
-Precision@1, is kept aside as *.rejected.onnx and the exit status is non-zero.
+Precision@1, is kept aside as *.rejected.onnx and the exit status is 3.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from triplet.cli import check, run
-from triplet.deploy.export import best_run, export_run
 
 
 @dataclass
@@ -36,6 +35,8 @@ class Options:
 
 
 def main(opts):
+    from triplet.deploy.export import best_run, export_run  # torch: imported here so --help is instant
+
     run_dir = Path(opts.run) if opts.run else best_run(opts.results)
     if not opts.run:
         print(f"exporting {run_dir} (best test Precision@1 under {opts.results})")
