@@ -55,7 +55,8 @@ from triplet.bench.timing import (
 from triplet.cli import check, run
 from triplet.data.layout import ROOT
 from triplet.data.datasets import check_triplet_ready
-from triplet.model import BACKBONES, build_model
+from triplet.backbones import STUDY_BACKBONES, check_backbone
+from triplet.model import build_model
 from triplet.data.prepare import DataOptions, prepare, prepared_dir, read_manifest
 from triplet.bench.speed import embedding_speed, probe_machine, profile_training_step, step_speed, training_speed
 from triplet.data.synthetic import make_synthetic_cub
@@ -63,8 +64,8 @@ from triplet.data.synthetic import make_synthetic_cub
 
 @dataclass
 class Options:
-    backbones: list[str] = field(default_factory=lambda: list(BACKBONES), metadata={
-        "nargs": "+", "choices": list(BACKBONES), "help": "trunks to benchmark (default: all of them)"})
+    backbones: list[str] = field(default_factory=lambda: list(STUDY_BACKBONES), metadata={
+        "nargs": "+", "help": "trunks to benchmark: torchvision model names (default: the study's)"})
     image_size: int = field(default=224, metadata={"help": "training crop and evaluation input size"})
     batch_size: int = field(default=32, metadata={"help": "triplets per training step (3x as many images)"})
     steps: int = field(default=5, metadata={"help": "timed training steps per path and round; 100 or more on a GPU"})
@@ -90,6 +91,8 @@ class Options:
     resize: int = field(default=256, metadata={"help": "short side of the suite's prepared copy"})
 
     def __post_init__(self):
+        for backbone in self.backbones:
+            check_backbone(backbone, "--backbones")
         check(self.steps >= 1, f"--steps {self.steps}: must be >= 1")
         check(self.rounds >= 1, f"--rounds {self.rounds}: must be >= 1")
         check(self.warmup >= 0, f"--warmup {self.warmup}: must be >= 0")

@@ -20,7 +20,8 @@ from triplet.checkpoint import model_from_checkpoint
 from triplet.cli import check, run
 from triplet.data.datasets import ImageDataset
 from triplet.fileio import atomic_path, read_json, write_json
-from triplet.model import BACKBONES, build_model
+from triplet.backbones import DEFAULT_BACKBONE, check_backbone
+from triplet.model import build_model
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, run_data_options
 from triplet.data.transforms import EvalTransform
 
@@ -36,14 +37,14 @@ class Options(DataOptions):
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "where to embed"})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"], "help": "autocast precision"})
     seed: int = field(default=0, metadata={"help": "seed of the fixed test triplets"})
-    backbone: str = field(default="resnet18", metadata={"help": "--checkpoint none on a folder without config.json: trunk"})
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "--checkpoint none on a folder without config.json: trunk"})
     weights: str = field(default="imagenet", metadata={"help": "--checkpoint none on a folder without config.json: trunk weights"})
     embedding_dim: int = field(default=128, metadata={"help": "--checkpoint none on a folder without config.json: embedding size"})
     image_size: int = field(default=224, metadata={"help": "--checkpoint none on a folder without config.json: input size"})
 
     def __post_init__(self):
         check(self.run, "--run is required: the run folder to evaluate")
-        check(self.backbone in BACKBONES, f"--backbone {self.backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
+        check_backbone(self.backbone)
         check(self.batch_size >= 1, "--batch-size must be >= 1")
 
 
@@ -56,7 +57,7 @@ def load_model(opts, run_dir):
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             options = dataclasses.asdict(opts) | {"data_dir": opts.data_dir or "data", "margin": 1.0}
-        model = build_model(options["backbone"], options["embedding_dim"], options["weights"])
+        model = build_model(options["backbone"], options["embedding_dim"], options["weights"], options["image_size"])
         return model.eval(), options, {"checkpoint": "none", "epoch": 0}
     path = run_dir / f"checkpoint_{opts.checkpoint}.pt" if opts.checkpoint in ("best", "last") else Path(opts.checkpoint)
     model, checkpoint = model_from_checkpoint(path)

@@ -1,4 +1,4 @@
-"""Train a triplet-loss embedding (ResNet18/34 trunk) on a prepared CUB split.
+"""Train a triplet-loss embedding (ResNet18/34 or any torchvision trunk) on a prepared split.
 
     python scripts/train.py --backbone resnet18 --epochs 20 --lr 0.001 --batch-size 32 --out results/exp1-resnet18
     python scripts/train.py --mining hard --batch-size 64 --samples-per-class 4 --out results/exp7-resnet18
@@ -22,7 +22,8 @@ from triplet.cli import check, run
 from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
 from triplet.errors import UserError
 from triplet.mining import get_miner
-from triplet.model import BACKBONES, build_model
+from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
+from triplet.model import build_model
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
 from triplet.seeding import seed_everything
 from triplet.data.transforms import CachedTrainTransform, EvalTransform, TrainTransform
@@ -30,9 +31,10 @@ from triplet.data.transforms import CachedTrainTransform, EvalTransform, TrainTr
 
 @dataclass
 class Options(DataOptions):
-    backbone: str = field(default="resnet18", metadata={"help": f"trunk: {' or '.join(BACKBONES)}"})
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": BACKBONE_HELP})
     weights: str = field(default="imagenet", metadata={
-        "help": "trunk initialisation: imagenet (torchvision's IMAGENET1K_V1), none (random), or a state-dict path"})
+        "help": "trunk initialisation: imagenet (torchvision's default weights for the backbone; IMAGENET1K_V1 "
+                "for ResNet18/34), none (random), or a state-dict path"})
     embedding_dim: int = field(default=128, metadata={"help": "size of the L2-normalised embedding"})
     epochs: int = field(default=20, metadata={"help": "number of epochs"})
     lr: float = field(default=0.001, metadata={"help": "Adam learning rate"})
@@ -65,7 +67,7 @@ class Options(DataOptions):
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar per epoch"})
 
     def __post_init__(self):
-        check(self.backbone in BACKBONES, f"--backbone {self.backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
+        check_backbone(self.backbone)
         check(self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
         check(self.batch_size >= 2, f"--batch-size {self.batch_size}: must be >= 2")
@@ -145,8 +147,8 @@ def main(opts):
     val_set = ImageDataset(val_paths, val_labels, EvalTransform(opts.image_size))
     miner = None if opts.mining == "none" else get_miner(opts.mining, opts.margin)
 
-    model = build_model(opts.backbone, opts.embedding_dim, opts.weights)
-    model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim}
+    model = build_model(opts.backbone, opts.embedding_dim, opts.weights, opts.image_size)
+    model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim, "image_size": opts.image_size}
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     start_epoch, best_metric, history = 0, float("-inf"), []
     if resume_from:

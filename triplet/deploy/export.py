@@ -164,7 +164,10 @@ def quantize_int8(fp32_path, out_path, batches, metadata):
     from onnxruntime.quantization.shape_inference import quant_pre_process
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + fusions the quantiser expects
+        try:  # shape inference + fusions the quantiser expects
+            quant_pre_process(str(fp32_path), str(prepared))
+        except AssertionError:  # symbolic inference fails on a ViT's dynamic-batch reshape; ONNX's own suffices
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out_path), _Batches(batches), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
