@@ -1,7 +1,7 @@
 """Retrieval and triplet metrics: pure functions of embeddings and labels, all percentages 0-100.
 
 Retrieval uses cosine similarity (embeddings are normalised here), compares every query with all
-other images (itself excluded) and breaks similarity ties by the lower gallery index, so results
+other images (itself excluded; or, with the query-gallery protocol, with the gallery only) and breaks similarity ties by the lower gallery index, so results
 are deterministic. It works on chunks of query rows with ``torch.topk`` (k = the largest of the
 requested k and R), so no N x N matrix or full sort is ever needed; rows with a tie across the
 k-th place fall back to a top-k over an int64 key that packs (similarity, -index) into one number.
@@ -48,17 +48,23 @@ def _exact_order(sim, k):
     return torch.topk(key, k, dim=1).indices
 
 
-def _nearest(x, start, stop, k):
-    """Indices of the k most similar other rows for queries start:stop, by (sim desc, index asc).
+def _nearest(queries, gallery, k, self_start=None):
+    """Indices of the k most similar gallery rows for each query, by (sim desc, index asc).
+
+    ``self_start``: the queries are gallery rows self_start, self_start+1, ... (leave-one-out),
+    which are never retrieved for themselves.
 
     A float ``topk`` of k+1 fixes the top-k *set* whenever the k-th and (k+1)-th values differ;
     ties inside that set are then ordered by index with a small stable sort. Rows with a tie
     across the k-th boundary (rare, except for collapsed embeddings) take the exact int64 key.
     """
-    sim = x[start:stop] @ x.T
-    rows = torch.arange(stop - start)
-    sim[rows, rows + start] = -float("inf")  # never retrieve the query itself
-    vals, idx = torch.topk(sim, k + 1, dim=1)  # k <= N-1, so k+1 fits
+    sim = queries @ gallery.T
+    if self_start is not None:
+        rows = torch.arange(len(queries))
+        sim[rows, rows + self_start] = -float("inf")  # never retrieve the query itself
+    vals, idx = torch.topk(sim, min(k + 1, sim.shape[1]), dim=1)
+    if vals.shape[1] == k:  # k is the whole gallery: no boundary to tie across
+        vals = torch.cat([vals, torch.full_like(vals[:, :1], -float("inf"))], dim=1)
     tied = vals[:, k - 1] == vals[:, k]
     vals, idx = vals[:, :k] + 0.0, idx[:, :k]  # + 0.0 turns -0.0 into +0.0
     idx, perm = idx.sort(dim=1)
@@ -70,41 +76,54 @@ def _nearest(x, start, stop, k):
 
 
 def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
-                      chunk_size=1024, with_nmi=True, seed=0, n_init=3):
-    """Precision@k, Recall@k, MAP@R, R-Precision (and NMI) of leave-one-out cosine retrieval.
+                      chunk_size=1024, with_nmi=True, seed=0, n_init=3, is_query=None):
+    """Precision@k, Recall@k, MAP@R, R-Precision (and NMI) of cosine retrieval.
 
-    With fewer than k other images, precision@k divides by N-1 instead of k. Working memory is
-    a chunk_size x N float32 block (~250 MB for N = 60,000), up to ~5x that if many rows tie.
+    Leave-one-out by default: every image queries all the others. ``is_query`` (a boolean per
+    row) selects the query-gallery protocol instead: the rows marked True are queries, ranked
+    against the unmarked rows (the gallery) only. With fewer than k candidates, precision@k
+    divides by their number instead of k. Working memory is a chunk_size x N float32 block
+    (~250 MB for N = 60,000), up to ~5x that if many rows tie.
     """
     x = F.normalize(_as_float(embeddings), dim=1)
     codes = _label_codes(labels)
     n = x.shape[0]
     if n < 2 or codes.shape[0] != n:
         raise ValueError(f"need >= 2 embeddings and one label each, got {n} and {codes.shape[0]}")
-    counts = torch.bincount(codes)
-    r = counts[codes] - 1  # other images of the query's class
-    kmax = min(n - 1, max(*ks, *recall_ks, int(r.max())))
+    if is_query is None:
+        query_rows, gallery_rows = torch.arange(n), torch.arange(n)
+    else:
+        mask = torch.as_tensor(np.asarray(is_query, dtype=bool).reshape(-1))
+        if mask.shape[0] != n or mask.all() or not mask.any():
+            raise ValueError(f"is_query must mark some but not all of the {n} rows")
+        query_rows, gallery_rows = mask.nonzero()[:, 0], (~mask).nonzero()[:, 0]
+    gallery, gallery_codes = x[gallery_rows], codes[gallery_rows]
+    candidates = len(gallery_rows) - (1 if is_query is None else 0)
+    query_codes = codes[query_rows]
+    r = torch.bincount(gallery_codes, minlength=int(codes.max()) + 1)[query_codes] - (1 if is_query is None else 0)
+    kmax = min(candidates, max(*ks, *recall_ks, int(r.max())))
     ranks = torch.arange(1, kmax + 1, dtype=torch.float64)
     prec = {k: 0.0 for k in ks}
     rec = {k: 0.0 for k in recall_ks}
     map_r = r_prec = 0.0
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        rel = codes[_nearest(x, start, stop, kmax)] == codes[start:stop, None]
+    for start in range(0, len(query_rows), chunk_size):
+        stop = min(start + chunk_size, len(query_rows))
+        nearest = _nearest(x[query_rows[start:stop]], gallery, kmax, start if is_query is None else None)
+        rel = gallery_codes[nearest] == query_codes[start:stop, None]
         hits = rel.cumsum(1, dtype=torch.float64)
         for k in ks:
-            prec[k] += (hits[:, min(k, n - 1) - 1] / min(k, n - 1)).sum().item()
+            prec[k] += (hits[:, min(k, candidates) - 1] / min(k, candidates)).sum().item()
         for k in recall_ks:
-            rec[k] += (hits[:, min(k, n - 1) - 1] > 0).sum().item()
+            rec[k] += (hits[:, min(k, candidates) - 1] > 0).sum().item()
         rq = r[start:stop]
         valid = rq > 0
         rq, rel, hits = rq[valid], rel[valid], hits[valid]
         r_prec += (hits.gather(1, (rq - 1)[:, None])[:, 0] / rq).sum().item()
         within = ranks[None, :] <= rq[:, None]
         map_r += ((hits / ranks * (rel & within)).sum(1) / rq).sum().item()
-    n_valid = int((r > 0).sum())
-    out = {f"precision_at_{k}": 100.0 * v / n for k, v in prec.items()}
-    out.update({f"recall_at_{k}": 100.0 * v / n for k, v in rec.items()})
+    n_queries, n_valid = len(query_rows), int((r > 0).sum())
+    out = {f"precision_at_{k}": 100.0 * v / n_queries for k, v in prec.items()}
+    out.update({f"recall_at_{k}": 100.0 * v / n_queries for k, v in rec.items()})
     out["map_at_r"] = 100.0 * map_r / n_valid if n_valid else 0.0
     out["r_precision"] = 100.0 * r_prec / n_valid if n_valid else 0.0
     if with_nmi:
