@@ -24,7 +24,7 @@ from triplet.errors import UserError
 from triplet.mining import get_miner
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
 from triplet.model import build_model
-from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
 from triplet.seeding import seed_everything
 from triplet.data.transforms import CachedTrainTransform, EvalTransform, TrainTransform
 
@@ -167,6 +167,7 @@ def main(opts):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if opts.compile:
         net = runtime.compile_model(net, device)
+    config["dataset"] = read_prepare_info(prepared)["dataset"]
     if dist.is_main():
         runs.write_config(run_dir, config)
     log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "

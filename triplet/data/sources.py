@@ -156,8 +156,8 @@ def from_manifest(csv_path):
 
 
 def _test_count(n, fraction):
-    """Test images of a class of ``n``: at least one, leaving two for training (a triplet's pair)."""
-    return 0 if n < 3 or fraction <= 0 else min(n - 2, max(1, round(n * fraction)))
+    """Test images of a class of ``n``: none or at least two, leaving two for training (triplets need pairs)."""
+    return 0 if n < 4 or fraction <= 0 else min(n - 2, max(2, round(n * fraction)))
 
 
 def make_splits(dataset, records, protocol, test_fraction, val_fraction, seed):

@@ -1,14 +1,14 @@
 """The evaluation preprocessing, in NumPy and Pillow only: the one contract torch and ONNX share.
 
 Evaluation in torch and the deployed ONNX embedder both call ``preprocess``, so their inputs
-are identical by construction: decode with Pillow, convert to RGB, resize the short side to
+are identical by construction: decode with Pillow, apply the EXIF orientation, convert to RGB, resize the short side to
 ``resize_size`` (bilinear, antialiased), centre-crop ``image_size`` (torchvision's rounding),
 scale to [0, 1] and normalise. No torch import here: deployment needs only NumPy and Pillow.
 """
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triplet.errors import UserError
 
@@ -22,12 +22,16 @@ def resize_size_for(image_size):
 
 
 def open_rgb(source):
-    """A path or a PIL image -> an RGB PIL image; an unreadable file is named in the error."""
+    """A path or a PIL image -> an upright RGB PIL image; an unreadable file is named in the error.
+
+    Upright: a phone photo stored sideways with an EXIF orientation tag is turned as viewers show
+    it, as the prepared copy and training's decoder do, so it embeds like its upright twin.
+    """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return ImageOps.exif_transpose(source).convert("RGB")
     try:
         with Image.open(source) as image:
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise UserError(f"{source}: not a readable image ({e})") from e
 
