@@ -216,3 +216,51 @@ def test_prepare_data_script_defaults_the_data_dir_and_refuses_writing_into_the_
     assert status == 2 and "inside --image-folder" in output
     status, output = call_script("prepare_data", "--image-folder", folder, "--manifest", "x.csv")
     assert status == 2 and "--image-folder and --manifest: pick one" in output
+
+
+def test_the_whole_chain_from_a_photo_folder(tmp_path, monkeypatch):
+    """prepare -> train -> evaluate -> plots -> report -> ONNX (+INT8) -> search, as docs/own-images.md runs it."""
+    make_photo_folder(tmp_path / "photos", classes=4, per_class=8)
+    monkeypatch.chdir(tmp_path)
+    data = ["--data-dir", "data/photos", "--resize", 40]
+    steps = [
+        ("prepare_data", "--image-folder", "photos", *data, "--workers", 1),
+        ("train", *data, "--backbone", "resnet18", "--weights", "none", "--image-size", 32, "--epochs", 1,
+         "--batch-size", 8, "--workers", 0, "--no-progress", "--out", "results/photos-resnet18"),
+        ("evaluate", "--run", "results/photos-resnet18", "--workers", 0),
+        ("plot_embeddings", "--run", "results/photos-resnet18"),
+        ("report", "--results", "results"),
+        ("export_onnx", "--run", "results/photos-resnet18", "--out", "exports/photos.onnx", "--int8",
+         "--calibration-images", 8, "--max-drop", 100),
+        ("search", "--model", "exports/photos.onnx", "--gallery", "photos", "--query", "photos/class 1/IMG_0003.jpg",
+         "--top-k", 3),
+    ]
+    outputs = {}
+    for name, *args in steps:
+        status, outputs[name] = call_script(name, *args)
+        assert status == 0, f"{name}: {outputs[name]}"
+    run = tmp_path / "results" / "photos-resnet18"
+    assert read_json(run / "config.json")["dataset"] | {"source": ""} == {"name": "photos", "kind": "folder", "source": ""}
+    metrics = read_json(run / "metrics.json")
+    assert (metrics["dataset"], metrics["dataset_kind"], metrics["protocol"]) == ("photos", "folder", "leave-one-out")
+    assert "### photos (folder)" in (tmp_path / "results" / "REPORT.md").read_text()
+    assert (tmp_path / "exports" / "photos.int8.onnx").is_file()
+    assert "1. 1.0000  class 1/IMG_0003.jpg" in outputs["search"]
+
+
+def test_a_query_gallery_manifest_is_evaluated_with_its_protocol(tmp_path, monkeypatch):
+    make_photo_folder(tmp_path / "photos", classes=4, per_class=8)
+    rows = [(f"photos/class {k}/IMG_{i:04d}.jpg", f"c{k}", "query" if i == 0 else "gallery" if i < 4 else "train")
+            for k in range(4) for i in range(8)]
+    write_manifest(tmp_path / "shop.csv", rows)
+    monkeypatch.chdir(tmp_path)
+    data = ["--data-dir", "data/shop", "--resize", 40, "--val-fraction", 0]
+    for name, *args in [("prepare_data", "--manifest", "shop.csv", *data, "--workers", 1),
+                        ("train", *data, "--weights", "none", "--image-size", 32, "--epochs", 1, "--batch-size", 8,
+                         "--workers", 0, "--no-progress", "--out", "results/shop"),
+                        ("evaluate", "--run", "results/shop", "--workers", 0)]:
+        status, output = call_script(name, *args)
+        assert status == 0, f"{name}: {output}"
+    metrics = read_json(tmp_path / "results" / "shop" / "metrics.json")
+    assert metrics["protocol"] == "query-gallery" and metrics["dataset_kind"] == "manifest"
+    assert (metrics["num_queries"], metrics["num_gallery"], metrics["num_images"]) == (4, 12, 16)
