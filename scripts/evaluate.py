@@ -25,7 +25,7 @@ from triplet.data.datasets import ImageDataset
 from triplet.fileio import atomic_path, read_json, write_json
 from triplet.backbones import DEFAULT_BACKBONE, check_backbone
 from triplet.model import build_model
-from triplet.data.prepare import (QUERY_GALLERY, DataOptions, prepared_dir, read_manifest, read_prepare_info,
+from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
                                   run_data_options)
 from triplet.data.transforms import EvalTransform
 
@@ -82,11 +82,7 @@ def main(opts):
         runs.write_config(run_dir, {"options": options, "environment": runtime.environment(device, precision)})
     prepared = prepared_dir(data)
     paths, labels = read_manifest(prepared, "test")
-    source = read_prepare_info(prepared)
-    is_query = None
-    if source["protocol"] == QUERY_GALLERY:
-        queries = set(read_manifest(prepared, "query")[0])
-        is_query = np.array([p in queries for p in paths])
+    source, is_query = read_prepare_info(prepared), query_mask(prepared, paths)
     dataset = ImageDataset(paths, labels, EvalTransform(options["image_size"]))
     model.to(device, memory_format=torch.channels_last)
     print(f"embedding {len(paths)} test images of {prepared} on {device} ({precision}); protocol {source['protocol']}")

@@ -119,7 +119,7 @@ def test_a_class_with_a_single_photo_is_named(tmp_path):
     folder = make_photo_folder(tmp_path / "photos")
     (folder / "lonely").mkdir()
     (folder / "class 0" / "IMG_0000.jpg").rename(folder / "lonely" / "only.jpg")
-    with pytest.raises(UserError, match=r"class 'lonely' has 1 train image \(lonely/only\.jpg\); triplets need"):
+    with pytest.raises(UserError, match=r"class 'lonely' has 1 train image \(.*lonely/only\.jpg\); triplets need"):
         prepare_folder(folder, tmp_path / "data")
 
 
@@ -264,3 +264,17 @@ def test_a_query_gallery_manifest_is_evaluated_with_its_protocol(tmp_path, monke
     metrics = read_json(tmp_path / "results" / "shop" / "metrics.json")
     assert metrics["protocol"] == "query-gallery" and metrics["dataset_kind"] == "manifest"
     assert (metrics["num_queries"], metrics["num_gallery"], metrics["num_images"]) == (4, 12, 16)
+
+
+def test_manifest_problems_found_while_preparing_name_the_csv_line(tmp_path):
+    make_photo_folder(tmp_path / "photos", classes=2, per_class=6)
+    rows = [(f"photos/class {k}/IMG_{i:04d}.jpg", f"c{k}", "test" if i >= 4 else "train")
+            for k in range(2) for i in range(6)]
+    broken = tmp_path / "photos" / "class 1" / "IMG_0002.jpg"
+    broken.write_bytes(b"\xff\xd8\xff truncated")
+    options = DataOptions(data_dir=str(tmp_path / "data"), resize=32, val_fraction=0)
+    with pytest.raises(UserError, match=r"IMG_0002\.jpg: not a readable image .*\(listed at .*set\.csv:10\)"):
+        prepare(options, workers=1, log=quiet, dataset=sources.from_manifest(write_manifest(tmp_path / "set.csv", rows)))
+    rows[1:4] = [(path, label, "test") for path, label, _ in rows[1:4]]  # c0 keeps one training image (line 2)
+    with pytest.raises(UserError, match=r"class 'c0' has 1 train image \(.*set\.csv:2\)"):
+        prepare(options, workers=1, log=quiet, dataset=sources.from_manifest(write_manifest(tmp_path / "set.csv", rows)))

@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from triplet.data import sources
@@ -83,8 +84,9 @@ def _prepare_image(source, target, resize, bbox):
         image.save(tmp, format="JPEG", quality=95)
 
 
-def _check_splits(splits, where, protocol):
+def _check_splits(splits, dataset, protocol):
     """Fail before (and again after) decoding: an empty split, or a class triplets cannot use."""
+    where = dataset.location
     for name in ("train", "test"):
         if not splits[name]:
             raise UserError(f"{where}: the {name} split of --split {protocol} is empty; add images or "
@@ -93,7 +95,8 @@ def _check_splits(splits, where, protocol):
         lonely = sorted(c for c, n in counts.items() if n < 2)
         if lonely:
             example = next(r for r in splits[name] if r.class_name == lonely[0])
-            raise UserError(f"{where}: class {lonely[0]!r} has {counts[lonely[0]]} {name} image ({example.path})"
+            raise UserError(f"{where}: class {lonely[0]!r} has {counts[lonely[0]]} {name} image "
+                            f"({dataset.where(example.image_id)})"
                             f"{f' and {len(lonely) - 1} more such classes' if len(lonely) > 1 else ''}; "
                             f"triplets need at least two images of a class: add images or remove the class")
 
@@ -112,10 +115,12 @@ def _decode_all(dataset, out, options, workers, skip_bad, log):
             try:
                 future.result()
             except UserError as e:
+                image_id = futures[future].image_id
+                line = f" (listed at {dataset.lines[image_id]})" if image_id in dataset.lines else ""
                 if not skip_bad:
                     pool.shutdown(cancel_futures=True)
-                    raise UserError(f"{e}; or pass --skip-bad to leave such files out") from e
-                bad[futures[future].image_id] = str(e)
+                    raise UserError(f"{e}{line}; or pass --skip-bad to leave such files out") from e
+                bad[image_id] = f"{e}{line}"
     for error in bad.values():
         log(f"skipped {error}")
     if bad:
@@ -150,10 +155,10 @@ def prepare(options, workers=None, log=print, dataset=None, test_fraction=0.2, s
         return sources.make_splits(dataset, records, options.split, test_fraction, options.val_fraction,
                                    options.split_seed)
 
-    _check_splits(split(dataset.records), dataset.location, options.split)
+    _check_splits(split(dataset.records), dataset, options.split)
     bad = _decode_all(dataset, out, options, workers or min(8, os.cpu_count() or 1), skip_bad, log)
     splits = split([r for r in dataset.records if r.image_id not in bad])
-    _check_splits(splits, dataset.location, options.split)
+    _check_splits(splits, dataset, options.split)
     if dataset.roles:
         for role in ("query", "gallery"):
             splits[role] = [r for r in splits["test"] if dataset.roles[r.image_id] == role]
@@ -169,6 +174,14 @@ def prepare(options, workers=None, log=print, dataset=None, test_fraction=0.2, s
                         "skipped": [{"file": str(dataset.files[i]), "error": e} for i, e in bad.items()]})
     log(f"prepared {counts} images ({classes} classes) of {dataset.name} ({dataset.kind}) in {out}")
     return out
+
+
+def query_mask(prepared, paths):
+    """For the query-gallery protocol: which of ``paths`` (the test split) are queries; else None."""
+    if read_prepare_info(prepared)["protocol"] != QUERY_GALLERY:
+        return None
+    queries = set(read_manifest(prepared, "query")[0])
+    return np.array([p in queries for p in paths])
 
 
 def read_prepare_info(prepared):

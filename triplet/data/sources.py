@@ -29,9 +29,14 @@ class Dataset:
     files: dict                                 # image_id -> source file
     splits: dict = None                         # {"train", "val", "test"} image ids fixed by a manifest
     roles: dict = field(default_factory=dict)   # image_id -> "query" or "gallery"
+    lines: dict = field(default_factory=dict)   # image_id -> "file.csv:line" of a manifest's row
 
     def info(self):
         return {"name": self.name, "kind": self.kind, "source": self.location}
+
+    def where(self, image_id):
+        """Where the user can find an image: its manifest line, else its file."""
+        return self.lines.get(image_id) or str(self.files[image_id])
 
 
 def cub_kind(root):
@@ -116,7 +121,7 @@ def from_manifest(csv_path):
     rows, has_split = _manifest_rows(csv_path)
     labels = sorted({(row.get("label") or "").strip() for _, row in rows} - {""})
     class_ids = {label: i for i, label in enumerate(labels, start=1)}
-    records, files, split_of, roles, seen = [], {}, {}, {}, {}
+    records, files, lines, split_of, roles, seen = [], {}, {}, {}, {}, {}
     for line, row in rows:
         where = f"{csv_path}:{line}"
         text, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
@@ -136,6 +141,7 @@ def from_manifest(csv_path):
         records.append(cub.Record(image_id, _target(text, image_id), class_ids[label], label,
                                   split in ("", "train", "val"), None))
         files[image_id] = source
+        lines[image_id] = where
         split_of[image_id] = split
         if split in ("query", "gallery"):
             roles[image_id] = split
@@ -152,7 +158,7 @@ def from_manifest(csv_path):
         if roles and set(roles.values()) != {"query", "gallery"}:
             raise UserError(f"{csv_path}: has {next(iter(set(roles.values())))} rows but no "
                             f"{({'query', 'gallery'} - set(roles.values())).pop()} rows; the protocol needs both")
-    return Dataset(csv_path.stem, "manifest", str(csv_path), records, files, splits, roles)
+    return Dataset(csv_path.stem, "manifest", str(csv_path), records, files, splits, roles, lines)
 
 
 def _test_count(n, fraction):
