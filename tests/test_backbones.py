@@ -59,6 +59,13 @@ def test_imagenet_style_state_dict_loads_without_its_classifier(tmp_path):
         build_model("resnet18", 8, str(tmp_path / "w.pt"))
 
 
+def test_models_that_cannot_serve_as_a_trunk_are_one_line_errors():
+    with pytest.raises(UserError, match="squeezenet1_0: has no linear classifier"):
+        build_model("squeezenet1_0", 8)
+    with pytest.raises(UserError, match="--image-size 40: vit_b_16 cannot be built for it"):
+        build_model("vit_b_16", 8, image_size=40)
+
+
 def test_a_vit_built_for_a_small_input_refuses_224_px_weights(tmp_path):
     torch.save(models.get_model("vit_b_16", weights=None).state_dict(), tmp_path / "vit.pt")
     with pytest.raises(UserError, match="does not fit a vit_b_16 trunk at --image-size 32"):

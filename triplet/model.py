@@ -46,7 +46,11 @@ def build_trunk(backbone, image_size=None):
     trunk = models.get_model(backbone, weights=None, **BUILD_OPTIONS.get(backbone, {}))
     native = getattr(trunk, "image_size", None)
     if isinstance(native, int) and image_size and image_size != native:
-        trunk = models.get_model(backbone, weights=None, image_size=image_size)
+        try:
+            trunk = models.get_model(backbone, weights=None, image_size=image_size)
+        except (AssertionError, ValueError) as e:
+            raise UserError(f"--image-size {image_size}: {backbone} cannot be built for it ({e}); use a "
+                            f"multiple of its patch size, such as {native}") from e
     name, classifier = find_classifier(trunk)
     if classifier is None:
         raise UserError(f"--backbone {backbone}: has no linear classifier to replace with an embedding "
