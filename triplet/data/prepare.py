@@ -143,7 +143,7 @@ def prepare(options, workers=None, log=print, dataset=None, test_fraction=0.2, s
     if marker.exists():
         previous = read_json(marker)
         before = previous.get("dataset", {})
-        if before and before.get("source") != identity["source"]:
+        if before and (before.get("kind"), before.get("name")) != (dataset.kind, dataset.name):
             raise UserError(f"{out}: holds a prepared copy of {before.get('source')}, not {identity['source']}; "
                             f"pass another --data-dir")
         if previous.get("options") == _data_options(options) and before == identity \

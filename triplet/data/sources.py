@@ -32,7 +32,7 @@ class Dataset:
     lines: dict = field(default_factory=dict)   # image_id -> "file.csv:line" of a manifest's row
 
     def info(self):
-        return {"name": self.name, "kind": self.kind, "source": self.location}
+        return {"name": self.name, "kind": self.kind, "source": str(Path(self.location).resolve())}
 
     def where(self, image_id):
         """Where the user can find an image: its manifest line, else its file."""
