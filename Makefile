@@ -26,6 +26,10 @@ RESULTS ?= results
 # make custom IMAGES=my_photos (a folder of class subfolders) or IMAGES=my_photos.csv (path,label[,split])
 IMAGES ?=
 
+# A run folder names every override that changes its numbers (make exp1 EPOCHS=2 writes
+# exp1-resnet18-e2), so a quick try never stands in for the real run in exp1-resnet18.
+RUN_TAG := $(if $(EPOCHS),-e$(EPOCHS))$(if $(filter-out 224,$(IMAGE_SIZE)),-s$(IMAGE_SIZE))$(if $(filter-out imagenet,$(WEIGHTS)),-w$(notdir $(basename $(WEIGHTS))))$(if $(filter-out official,$(SPLIT)),-$(SPLIT))
+
 PREPARED := $(DATA_DIR)/prepared/$(SPLIT)-r256-val0.1-seed0/prepare.json
 TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) scripts/train.py
 RUN_OPTIONS := --split $(SPLIT) --device $(DEVICE) --image-size $(IMAGE_SIZE) --workers $(WORKERS) --weights $(WEIGHTS)
@@ -45,7 +49,7 @@ EXPERIMENTS := exp1 exp2 exp3 exp4 exp5 exp6 exp7
 ## help: list the targets (the default goal)
 help:
 	@awk 'BEGIN {FS = ": "} /^##@/ {printf "\n%s\n", substr($$0, 5)} /^## / {sub(/^## /, ""); split($$0, a, ": "); printf "  %-16s %s\n", a[1], substr($$0, length(a[1]) + 3)}' $(MAKEFILE_LIST)
-	@echo; echo "  Variables: BACKBONE=$(BACKBONE) DATA_DIR=$(DATA_DIR) DEVICE=$(DEVICE) EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) WORKERS=$(WORKERS) WEIGHTS=$(WEIGHTS) SPLIT=$(SPLIT) NPROC=$(NPROC)"
+	@echo; echo "  Variables: BACKBONE=$(BACKBONE) DATA_DIR=$(DATA_DIR) DEVICE=$(DEVICE) EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) WORKERS=$(WORKERS) WEIGHTS=$(WEIGHTS) SPLIT=$(SPLIT) NPROC=$(NPROC) RESULTS=$(RESULTS)"
 
 ## setup: create .venv with the pinned requirements (re-runs only when requirements.txt changes)
 setup: $(VENV)/.installed
@@ -73,12 +77,12 @@ $(PREPARED): | setup
 ## exp5: 60 epochs, lr 0.001, batch 32 (the study ran it on ResNet18)
 ## exp6: 60 epochs, lr 0.001, batch 64 (the study ran it on ResNet18)
 ## exp7: our recipe: online semi-hard mining in PK batches (16 classes x 4), margin 0.2, cosine lr
-$(EXPERIMENTS): %: $(RESULTS)/%-$(BACKBONE)/tsne.png
+$(EXPERIMENTS): %: $(RESULTS)/%-$(BACKBONE)$(RUN_TAG)/tsne.png
 
-# results/expN-BACKBONE/: train (resuming if interrupted) -> evaluate -> plots.
+# results/expN-BACKBONE[RUN_TAG]/: train (resuming if interrupted) -> evaluate -> plots.
 define experiment_rules
 $(RESULTS)/$(1)-%/metrics.json: $(PREPARED)
-	$(TRAIN) $(COMMON) --backbone $$* $($(1)_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $$(@D) --resume
+	$(TRAIN) $(COMMON) --backbone $$(firstword $$(subst -, ,$$*)) $($(1)_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $$(@D) --resume
 	$(PY) scripts/evaluate.py --run $$(@D) --device $(DEVICE) --workers $(WORKERS)
 endef
 $(foreach e,$(EXPERIMENTS),$(eval $(call experiment_rules,$(e))))
@@ -87,9 +91,9 @@ $(RESULTS)/%/tsne.png: $(RESULTS)/%/metrics.json
 	$(PY) scripts/plot_embeddings.py --run $(@D)
 
 ## baseline: evaluate the untrained ImageNet trunk (what training adds)
-baseline: $(RESULTS)/baseline-$(BACKBONE)/metrics.json
+baseline: $(RESULTS)/baseline-$(BACKBONE)$(RUN_TAG)/metrics.json
 $(RESULTS)/baseline-%/metrics.json: $(PREPARED)
-	$(PY) scripts/evaluate.py --run $(@D) --checkpoint none --backbone $* --weights $(WEIGHTS) \
+	$(PY) scripts/evaluate.py --run $(@D) --checkpoint none --backbone $(firstword $(subst -, ,$*)) --weights $(WEIGHTS) \
 	    --data-dir $(DATA_DIR) --split $(SPLIT) --image-size $(IMAGE_SIZE) --device $(DEVICE) --workers $(WORKERS)
 
 ALL_RUNS := $(foreach e,exp1 exp2 exp3 exp4,$(foreach b,resnet18 resnet34,$(RESULTS)/$(e)-$(b)/tsne.png)) \
@@ -142,7 +146,7 @@ DEMO_RUN := $(RESULTS)/demo-resnet18
 DEMO_SPLIT := --resize 72 --val-fraction 0.25
 ## demo: the whole chain offline on a synthetic set (prepare, train, evaluate, plots, report, ONNX, inference)
 demo: | setup
-	$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) --classes 10 --per-class 40 --image-size 96
+	$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) --classes 10 --per-class 40 --synthetic-size 96
 	$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
 	$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) --weights none --image-size 64 --epochs 20 \
 	    --lr 0.0003 --batch-size 32 --out $(DEMO_RUN) --force

@@ -32,7 +32,7 @@ from triplet.data.transforms import EvalTransform
 
 @dataclass
 class Options(DataOptions):
-    run: str = field(default="", metadata={"help": "run folder (RUN_DIR) to evaluate and write into"})
+    run: str = field(default="", metadata={"required": True, "help": "run folder (RUN_DIR) to evaluate and write into"})
     checkpoint: str = field(default="best", metadata={
         "help": "best, last, none (the untrained trunk: what training added), or a checkpoint path"})
     data_dir: str = field(default="", metadata={"help": "data folder (default: the one the run was trained on)"})

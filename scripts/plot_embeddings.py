@@ -16,7 +16,7 @@ from triplet.reporting.plots import MAX_HIGHLIGHT, plot_run
 
 @dataclass
 class Options:
-    run: str = field(default="", metadata={"help": "run folder (RUN_DIR) holding test_embeddings.npz"})
+    run: str = field(default="", metadata={"required": True, "help": "run folder (RUN_DIR) holding test_embeddings.npz"})
     method: str = field(default="tsne", metadata={"choices": ["tsne", "pca"], "help": "2-D projection of the map"})
     max_points: int = field(default=0, metadata={
         "help": "project a seeded random subset of at most this many points (0: all; CUB's 5794 take about a minute)"})

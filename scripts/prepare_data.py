@@ -35,23 +35,25 @@ class Options(DataOptions):
                 "official) or of the classes (--split classes) held out for testing, seeded by --split-seed"})
     skip_bad: bool = field(default=False, metadata={
         "help": "leave unreadable or truncated images out (listed on screen and in prepare.json) instead of failing"})
-    workers: int = field(default=0, metadata={"help": "processes that decode images (0: one per core, at most 8)"})
+    workers: int = field(default=-1, metadata={
+        "help": "processes that decode images (-1: one per usable core, at most 8; 0: decode in this process)"})
     synthetic: bool = field(default=False, metadata={
         "help": "write a synthetic dataset in the exact CUB_200_2011 layout instead (no network)"})
     classes: int = field(default=200, metadata={"help": "--synthetic: number of classes"})
     per_class: int = field(default=60, metadata={"help": "--synthetic: images per class"})
-    image_size: int = field(default=500, metadata={"help": "--synthetic: image width in pixels (height is 3/4 of it, like CUB)"})
+    synthetic_size: int = field(default=500, metadata={
+        "help": "--synthetic/--digits: image width in pixels (height is 3/4 of it, like CUB)"})
     seed: int = field(default=0, metadata={"help": "--synthetic: random seed"})
     digits: bool = field(default=False, metadata={
         "help": "write scikit-learn's 1,797 real handwritten digits (10 classes) in the CUB layout instead, "
-                "at --image-size (an offline real-image set)"})
+                "at --synthetic-size (an offline real-image set)"})
     pack: str = field(default="", metadata={
         "help": "--synthetic/--digits: also pack the set as a .tgz at this path (like the official archive) and print its MD5"})
 
     def __post_init__(self):
         check(self.resize >= 8, "--resize must be at least 8 pixels")
         check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
-        check(self.workers >= 0, "--workers must be >= 0")
+        check(self.workers >= -1, "--workers must be -1 (automatic), 0 or more")
         sources_given = [name for name in ("synthetic", "digits", "image_folder", "manifest") if getattr(self, name)]
         check(len(sources_given) <= 1, f"--{' and --'.join(n.replace('_', '-') for n in sources_given)}: pick one")
         check(0 < self.test_fraction < 1, f"--test-fraction {self.test_fraction}: must be in (0, 1)")
@@ -69,7 +71,7 @@ def prepare_own_images(opts):
         dataset = sources.from_image_folder(opts.image_folder)
     else:
         dataset = sources.from_manifest(opts.manifest)
-    prepared = prepare(opts, opts.workers or None, dataset=dataset, test_fraction=opts.test_fraction,
+    prepared = prepare(opts, opts.workers, dataset=dataset, test_fraction=opts.test_fraction,
                        skip_bad=opts.skip_bad)
     defaults = DataOptions()
     options = " ".join(f"--{name.replace('_', '-')} {getattr(opts, name)}" for name in
@@ -87,10 +89,10 @@ def main(opts):
         from triplet.data import synthetic
         from triplet.data.layout import pack_archive
         if opts.digits:
-            root = synthetic.make_digits_cub(data_dir, opts.image_size, opts.seed)
+            root = synthetic.make_digits_cub(data_dir, opts.synthetic_size, opts.seed)
             print(f"wrote scikit-learn's handwritten digits in the CUB-200-2011 layout to {root}")
         else:
-            root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.image_size, opts.seed)
+            root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, opts.seed)
             print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
         if opts.pack:
             print(f"packed {opts.pack} (MD5 {pack_archive(data_dir, opts.pack)})")
@@ -110,7 +112,7 @@ def main(opts):
             archive = cub.download(data_dir / cub.CUB_ARCHIVE, md5=opts.md5)
         print(f"extracting {archive} into {data_dir}")
         cub.safe_extract(archive, data_dir)
-    prepare(opts, workers=opts.workers or None)
+    prepare(opts, workers=opts.workers)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ results/onnx_benchmark.md and results/train_benchmark.md are included when prese
 """
 from dataclasses import dataclass, field
 
-from triplet.cli import check, run
+from triplet.cli import check, plural, run
 from triplet.reporting.report import write_report
 
 
@@ -23,7 +23,7 @@ class Options:
 
 def main(opts):
     path, count = write_report(opts.results)
-    print(f"wrote {path} ({count} runs)")
+    print(f"wrote {path} ({plural(count, 'run')})")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from triplet.cli import check, run
-from triplet.deploy.inference import OnnxEmbedder, gallery_embeddings, nearest
+from triplet.deploy.inference import OnnxEmbedder, gallery_embeddings
+from triplet.deploy import neighbours
 
 
 @dataclass
@@ -35,7 +36,7 @@ def main(opts):
     embedder = OnnxEmbedder(opts.model)
     queries = embedder.embed(opts.query, opts.batch_size)  # first: a bad query fails before a long gallery pass
     paths, gallery = gallery_embeddings(embedder, opts.gallery, opts.batch_size)
-    indices, sims = nearest(queries, gallery, opts.top_k)
+    indices, sims = neighbours.top_k(queries, gallery, opts.top_k)
     for query, row, row_sims in zip(opts.query, indices, sims):
         print(f"{query}:")
         for rank, (i, sim) in enumerate(zip(row, row_sims), 1):

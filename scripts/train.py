@@ -8,6 +8,7 @@
 Writes RUN_DIR/config.json, history.csv (one row per epoch), checkpoint_last.pt (every epoch)
 and checkpoint_best.pt (best validation Precision@1).
 """
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from triplet import distributed as dist
 from triplet import engine, runs, runtime
 from triplet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from triplet.cli import check, run
+from triplet.cli import check, plural, run
 from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
 from triplet.errors import UserError
 from triplet.mining import get_miner
@@ -36,7 +37,7 @@ class Options(DataOptions):
         "help": "trunk initialisation: imagenet (torchvision's default weights for the backbone; IMAGENET1K_V1 "
                 "for ResNet18/34), none (random), or a state-dict path"})
     embedding_dim: int = field(default=128, metadata={"help": "size of the L2-normalised embedding"})
-    epochs: int = field(default=20, metadata={"help": "number of epochs"})
+    epochs: int = field(default=20, metadata={"role": "extendable", "help": "number of epochs"})
     lr: float = field(default=0.001, metadata={"help": "Adam learning rate"})
     batch_size: int = field(default=32, metadata={
         "help": "triplets per step (--mining none) or images per PK batch (P x K, online mining)"})
@@ -51,20 +52,20 @@ class Options(DataOptions):
     crop_scale: float = field(default=0.08, metadata={
         "help": "smallest training crop, as a fraction of the image's area (RandomResizedCrop; torchvision's "
                 "default 0.08). Raise it (0.3-0.5) when the object is small or must stay whole"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: 1 on CPU, up to 8 per GPU)"})
-    eval_batch_size: int = field(default=128, metadata={"help": "images per batch when embedding for validation"})
-    device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
-    precision: str = field(default="auto", metadata={
+    workers: int = field(default=-1, metadata={"role": "runtime", "help": "DataLoader workers (-1: 1 on CPU, up to 8 per GPU)"})
+    eval_batch_size: int = field(default=128, metadata={"role": "runtime", "help": "images per batch when embedding for validation"})
+    device: str = field(default="auto", metadata={"role": "runtime", "choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
+    precision: str = field(default="auto", metadata={"role": "runtime",
         "choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast on CUDA and AVX-512-bf16 CPUs, else fp32"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (pays on GPUs; slower on small CPUs)"})
+    compile: bool = field(default=False, metadata={"role": "runtime", "help": "torch.compile the model (pays on GPUs; slower on small CPUs)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, triplets, batches and augmentation"})
     deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms (CUDA users; CPU runs are already reproducible)"})
-    out: str = field(default="results/run", metadata={"help": "run folder (RUN_DIR)"})
-    resume: bool = field(default=False, metadata={"help": "continue from RUN_DIR/checkpoint_last.pt (starts fresh when there is none)"})
-    force: bool = field(default=False, metadata={"help": "overwrite a run folder that already holds a run"})
-    gpu_cache: bool = field(default=False, metadata={
+    out: str = field(default="results/run", metadata={"role": "runtime", "help": "run folder (RUN_DIR)"})
+    resume: bool = field(default=False, metadata={"role": "runtime", "help": "continue from RUN_DIR/checkpoint_last.pt (starts fresh when there is none)"})
+    force: bool = field(default=False, metadata={"role": "runtime", "help": "overwrite a run folder that already holds a run"})
+    gpu_cache: bool = field(default=False, metadata={"role": "runtime",
         "help": "decode the training images once and keep them (uint8) on the device; augment there (forces --workers 0)"})
-    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar per epoch"})
+    progress: bool = field(default=True, metadata={"role": "runtime", "help": "hide the per-epoch progress bar (for logs and CI)"})
 
     def __post_init__(self):
         check_backbone(self.backbone)
@@ -99,12 +100,13 @@ def make_train_loader(opts, paths, labels, device, workers):
 
 
 def history_row(epoch, stats, val, lr, seconds):
+    """A history.csv row as a plain dict (checkpoints hold plain types); NaN where not measured."""
     nan = float("nan")
-    return {"epoch": epoch, "train_loss": round(stats.get("train_loss", nan), 6),
-            "active_triplets": round(stats.get("active_triplets", nan), 2),
-            "val_loss": round(val.get("loss", nan), 6),
-            "val_triplet_accuracy": round(val.get("triplet_accuracy", nan), 4),
-            "val_precision_at_1": round(val.get("precision_at_1", nan), 4), "lr": lr, "seconds": round(seconds, 1)}
+    return dataclasses.asdict(runs.HistoryRow(
+        epoch=epoch, train_loss=round(stats.get("train_loss", nan), 6),
+        active_triplets=round(stats.get("active_triplets", nan), 2), val_loss=round(val.get("loss", nan), 6),
+        val_triplet_accuracy=round(val.get("triplet_accuracy", nan), 4),
+        val_precision_at_1=round(val.get("precision_at_1", nan), 4), lr=lr, seconds=round(seconds, 1)))
 
 
 def format_row(row, epochs, improved):
@@ -159,7 +161,7 @@ def main(opts):
         history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
         log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
     if start_epoch >= opts.epochs:
-        log(f"{run_dir}: already trained for {start_epoch} epochs; nothing to do")
+        log(f"{run_dir}: already trained for {plural(start_epoch, 'epoch')}; nothing to do")
         return
     model.to(device, memory_format=torch.channels_last)
     net = model

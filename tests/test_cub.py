@@ -263,3 +263,14 @@ def test_an_empty_test_split_is_refused(data_copy):
     split.write_text("".join(f"{line.split()[0]} 1\n" for line in split.read_text().splitlines()))
     with pytest.raises(UserError, match="the test split of --split official is empty"):
         prepare(DataOptions(data_dir=str(data_copy), resize=40), workers=1, log=lambda *a: None)
+
+
+def test_a_missing_prepared_copy_names_the_options_and_the_copies_that_exist(synthetic_root):
+    from triplet.data.prepare import missing_prepared_message
+
+    wanted = prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=256))
+    message = missing_prepared_message(wanted)
+    assert "--resize, --val-fraction" in message and str(wanted) in message
+    assert "official-r48-val0.1-seed0 (--split official --resize 48 --val-fraction 0.1 --split-seed 0)" in message
+    with pytest.raises(UserError, match="--resize 48"):
+        read_manifest(wanted, "train")

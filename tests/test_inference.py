@@ -15,7 +15,7 @@ from triplet.checkpoint import model_from_checkpoint
 from triplet.deploy.export import export_model, run_metadata
 from triplet.errors import UserError
 from triplet.fileio import read_json
-from triplet.deploy.inference import OnnxEmbedder, nearest
+from triplet.deploy.inference import OnnxEmbedder
 from triplet.data.prepare import prepared_dir, read_manifest, run_data_options
 from triplet.data.transforms import EvalTransform
 
@@ -93,12 +93,6 @@ def test_clear_error_for_an_unreadable_image(model_path, tmp_path):
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(UserError, match="broken.jpg: not a readable image"):
         OnnxEmbedder(model_path).embed([bad])
-
-
-def test_nearest_orders_by_similarity_then_index():
-    gallery = np.array([[1, 0], [0, 1], [1, 0], [0.6, 0.8]], np.float32)
-    order, sims = nearest(np.array([[1, 0]], np.float32), gallery, k=3)
-    assert order.tolist() == [[0, 2, 3]] and np.allclose(sims, [[1, 1, 0.6]])
 
 
 def test_search_cli_finds_the_query_and_caches_the_gallery(model_path, images, tmp_path):

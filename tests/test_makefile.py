@@ -52,6 +52,21 @@ def test_overrides_reach_the_commands(tmp_path):
     assert option(train, "epochs") == "3" and option(train, "device") == "cpu"
     assert option(train, "image-size") == "64" and option(train, "workers") == "0"
     assert option(train, "weights") == "none" and option(train, "split") == "classes"
+    assert option(train, "backbone") == "resnet18"
+    # an override that changes the numbers changes the folder: the canonical run stays untouched
+    assert option(train, "out") == f"{tmp_path}/results/exp2-resnet18-e3-s64-wnone-classes"
+
+
+def test_a_quick_try_does_not_stand_in_for_the_real_run(tmp_path):
+    prepared = tmp_path / "data" / "prepared" / "official-r256-val0.1-seed0"
+    prepared.mkdir(parents=True)
+    (prepared / "prepare.json").write_text("{}")
+    quick = tmp_path / "results" / "exp1-resnet18-e2"
+    quick.mkdir(parents=True)
+    for name in ("metrics.json", "tsne.png"):
+        (quick / name).write_text("done")
+    assert "scripts/" not in dry_run("exp1", "EPOCHS=2", tmp_path=tmp_path)
+    assert "train.py" in dry_run("exp1", tmp_path=tmp_path)
 
 
 def test_a_finished_run_is_not_retrained(tmp_path):
@@ -75,6 +90,7 @@ def test_exp7_uses_online_mining_and_torchrun_with_nproc(tmp_path):
 
 def test_help_lists_every_target():
     result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "RESULTS=results" in result.stdout
     for target in ["setup", "test", "data", "exp1", "exp7", "all", "baseline", "report", "export", "bench",
                    "bench-train", "demo", "readme", "custom"]:
         assert re.search(rf"^\s+{re.escape(target)}\s", result.stdout, re.M), target

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from triplet.metrics import _exact_order, nmi, retrieval_metrics, triplet_metrics
+from triplet.metrics import nmi, retrieval_metrics, triplet_metrics
 
 KEYS = ["precision_at_1", "precision_at_5", "precision_at_10", "recall_at_1", "recall_at_2",
         "recall_at_4", "recall_at_8", "map_at_r", "r_precision"]
@@ -136,16 +136,6 @@ def test_matches_brute_force_with_many_exact_ties(n, chunk_size):
     expected = brute_force(x, y)
     for k in KEYS:
         assert m[k] == pytest.approx(expected[k], abs=1e-9), k
-
-
-def test_exact_order_matches_stable_sort():
-    g = torch.Generator().manual_seed(0)
-    sim = torch.randint(-4, 5, (20, 50), generator=g).float() / 4  # many ties, -1..1
-    flip = torch.rand(sim.shape, generator=g) < 0.5
-    sim = torch.where((sim == 0) & flip, torch.tensor(-0.0), sim)  # -0.0 must tie with +0.0
-    assert (torch.signbit(sim) & (sim == 0)).any()
-    expected = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :40]
-    assert torch.equal(_exact_order(sim, 40), expected)
 
 
 def test_collapsed_embeddings_rank_by_index():

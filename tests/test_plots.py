@@ -59,18 +59,6 @@ def test_missing_embeddings_is_a_one_line_error(run_copy, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_nearest_excludes_the_query_and_matches_brute_force():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(30, 8)).astype(np.float32)
-    queries = np.array([0, 7, 29])
-    order, sims = plots.nearest(x, queries, 5)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    for row, q in enumerate(queries):
-        expected = sorted((j for j in range(30) if j != q), key=lambda j: -float(unit[q] @ unit[j]))[:5]
-        assert order[row].tolist() == expected
-        np.testing.assert_allclose(sims[row], [unit[q] @ unit[j] for j in expected], rtol=1e-5)
-
-
 def test_queries_are_seeded_and_from_distinct_classes():
     labels = np.repeat(np.arange(10), 3)
     first = plots.choose_queries(labels, 6, seed=3)
@@ -82,3 +70,24 @@ def test_class_names_come_from_the_class_folder():
     paths = ["/d/images/001.Black_footed_Albatross/a.jpg", "/d/images/002.Laysan_Albatross/b.jpg", ""]
     names = plots.class_names(np.array([1, 2, 3]), paths)
     assert names == {1: "Black footed Albatross", 2: "Laysan Albatross", 3: "class 3"}
+
+
+def test_small_maps_use_one_thread_and_large_ones_the_cores(monkeypatch):
+    monkeypatch.setattr(plots.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert plots.projection_threads(48) == 1
+    assert plots.projection_threads(2500) == 2
+    assert plots.projection_threads(5794) == 4
+
+
+def test_a_small_tsne_runs_inside_a_one_thread_limit(monkeypatch):
+    import threadpoolctl
+
+    seen, original = [], threadpoolctl.threadpool_limits
+
+    def spy(limits=None, **kwargs):
+        seen.append(limits)
+        return original(limits=limits, **kwargs)
+
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", spy)
+    xy = plots.project(np.random.default_rng(0).normal(size=(48, 8)), "tsne", seed=0)
+    assert xy.shape == (48, 2) and seen == [1]

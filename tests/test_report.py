@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import ROOT, run_script
 from triplet.reporting import report, study
-from triplet.cli import parse
+from triplet.cli import options_with_role, parse
 
 
 @pytest.fixture
@@ -140,11 +140,14 @@ def test_train_command_rebuilds_the_run_options(tiny_run):
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
     options = json.loads((tiny_run / "config.json").read_text())["options"]
-    command = report.train_command(tiny_run, options)
+    runtime = options_with_role(train.Options, "runtime")
+    assert {"device", "workers", "progress", "out"} <= runtime and "lr" not in runtime
+    command = report.train_command(tiny_run, options, runtime)
+    assert "--device" not in command and "--workers" not in command
     parsed, _ = parse(train.Options, shlex.split(command)[2:])
     rebuilt = dataclasses.asdict(parsed)
     for key, value in options.items():
-        if key not in report.RUNTIME:
+        if key not in runtime:
             assert rebuilt[key] == value, key
 
 
@@ -159,3 +162,10 @@ def test_study_values_match_the_paper():
     assert study.study_key("exp5-resnet34") is None and study.study_key("exp7-resnet18") is None
     assert study.study_key("baseline-resnet18") is None
     assert {k[0] for k in study.STUDY} == set(study.EXPERIMENTS)
+
+
+def test_counts_read_as_english():
+    from triplet.cli import plural
+
+    assert plural(1, "run") == "1 run" and plural(2, "run") == "2 runs" and plural(0, "epoch") == "0 epochs"
+    assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"

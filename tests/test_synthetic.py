@@ -216,3 +216,19 @@ def test_digits_are_real_images_in_the_cub_layout(tmp_path):
     assert all({r.class_id for r in splits[name]} == set(range(1, 11)) for name in ("train", "val", "test"))
     with Image.open(root / "images" / records[0].path) as image:
         assert image.size == (16, 16)
+
+
+def test_synthetic_width_is_its_own_option_and_workers_0_prepares_in_process(tmp_path):
+    from PIL import Image
+
+    from tests.conftest import call_script
+
+    status, output = call_script("prepare_data", "--synthetic", "--data-dir", tmp_path, "--classes", 2,
+                                 "--per-class", 4, "--synthetic-size", 40)
+    assert status == 0, output
+    image = next((tmp_path / "CUB_200_2011" / "images").rglob("*.jpg"))
+    assert Image.open(image).size == (40, 30)
+    status, output = call_script("prepare_data", "--data-dir", tmp_path, "--resize", 24, "--workers", 0)
+    assert status == 0 and "no extra processes" in output, output
+    status, output = call_script("prepare_data", "--synthetic", "--image-size", 40)
+    assert status == 2 and "unrecognized arguments: --image-size" in output

@@ -253,3 +253,21 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tiny_run, tmp_path):
 def test_evaluate_missing_run_folder(tmp_path):
     result = run_script("evaluate", "--run", tmp_path / "missing", check=False)
     assert result.returncode == 2 and "run folder not found" in result.stderr
+
+
+def test_runtime_and_extendable_options_may_change_on_resume_and_recipe_options_may_not(tmp_path):
+    write_json(tmp_path / "config.json", {"options": {"lr": 0.001, "workers": 0, "epochs": 2}})
+    (tmp_path / "checkpoint_last.pt").write_bytes(b"")
+    roles = {"workers": "runtime", "epochs": "extendable"}
+    changed = {"options": {"lr": 0.001, "workers": 4, "epochs": 5}, "option_roles": roles}
+    assert claim_run_dir(tmp_path, changed, resume=True) == tmp_path / "checkpoint_last.pt"
+    with pytest.raises(UserError, match=r"--lr 0.001 -> 0.01"):
+        claim_run_dir(tmp_path, {"options": {"lr": 0.01, "workers": 0, "epochs": 2}, "option_roles": roles}, resume=True)
+
+
+def test_the_roles_come_from_the_options_fields_and_travel_in_config_json(tiny_run):
+    import json
+
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert config["option_roles"]["workers"] == "runtime" and config["option_roles"]["epochs"] == "extendable"
+    assert "lr" not in config["option_roles"]

@@ -18,15 +18,27 @@ from triplet.errors import EXIT_INTERRUPTED, UserError
 
 
 def build_parser(options_class, description=None):
+    """argparse from the dataclass; a field's metadata may say ``required=True`` (shown as such in
+    usage, while ``Options()`` still builds with its placeholder default for tests and library use)."""
     parser = ArgumentParser(options_class, description=description,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = {f.name: f.default for f in dataclasses.fields(options_class)}
+    fields = {f.name: f for f in dataclasses.fields(options_class)}
     for action in parser._actions:
-        default = defaults.get(action.dest, dataclasses.MISSING)
-        if action.help and default not in (dataclasses.MISSING, "") and not isinstance(default, bool):
-            action.help += f" (default: {default})"
+        f = fields.get(action.dest)
+        if f is None:
+            continue
+        if f.metadata.get("required"):
+            action.required = True
+        elif action.help and f.default not in (dataclasses.MISSING, "") and not isinstance(f.default, bool):
+            action.help += f" (default: {f.default})"
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     return parser
+
+
+def options_with_role(options_class, role):
+    """Names of the options whose field metadata says ``role`` (for example "runtime": options
+    that decide where or how fast a run goes, never its numbers)."""
+    return {f.name for f in dataclasses.fields(options_class) if f.metadata.get("role") == role}
 
 
 def parse(options_class, argv=None, description=None):
@@ -73,3 +85,8 @@ def check(condition, message):
     """Raise ValueError (reported as a one-line option error) unless ``condition`` holds."""
     if not condition:
         raise ValueError(message)
+
+
+def plural(count, noun, plural_noun=None):
+    """``1 run``, ``2 runs``: counts in messages read as English."""
+    return f"{count} {noun if count == 1 else plural_noun or noun + 's'}"

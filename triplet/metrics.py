@@ -1,17 +1,19 @@
 """Retrieval and triplet metrics: pure functions of embeddings and labels, all percentages 0-100.
 
 Retrieval uses cosine similarity (embeddings are normalised here), compares every query with all
-other images (itself excluded; or, with the query-gallery protocol, with the gallery only) and breaks similarity ties by the lower gallery index, so results
-are deterministic. It works on chunks of query rows with ``torch.topk`` (k = the largest of the
-requested k and R), so no N x N matrix or full sort is ever needed; rows with a tie across the
-k-th place fall back to a top-k over an int64 key that packs (similarity, -index) into one number.
-MAP@R and R-Precision follow Musgrave et al., "A Metric Learning Reality Check" (2020); queries
-whose class has no other member (R = 0) are left out of those two, but still count (as misses)
-in precision@k and recall@k.
+other images (itself excluded; or, with the query-gallery protocol, with the gallery only) and
+ranks them with ``triplet.deploy.neighbours.top_k``, the one nearest-neighbour routine that search
+and the figures use too: ties go to the lower gallery index, so results are deterministic, and it
+works on chunks of query rows (k = the largest of the requested k and R), so no N x N matrix or
+full sort is ever needed. MAP@R and R-Precision follow Musgrave et al., "A Metric Learning Reality
+Check" (2020); queries whose class has no other member (R = 0) are left out of those two, but still
+count (as misses) in precision@k and recall@k.
 """
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from triplet.deploy.neighbours import top_k
 
 
 def _as_float(x):
@@ -28,53 +30,6 @@ def _label_codes(labels):
     return torch.from_numpy(codes.reshape(-1).astype(np.int64))
 
 
-def _exact_order(sim, k):
-    """Top-k indices of each row of ``sim`` by (value desc, index asc), exact under any ties.
-
-    The float32 value is mapped to an order-preserving int32 (negatives get their low 31 bits
-    flipped), shifted into the high half of an int64, and ``n-1-index`` fills the low half, so
-    every key in a row is distinct and ``topk`` has nothing left to break arbitrarily.
-    """
-    n = sim.shape[1]
-    bits = sim.masked_fill(sim == 0, 0.0).view(torch.int32)  # -0.0 and +0.0 must tie
-    sign = bits >> 31
-    sign &= 0x7FFFFFFF
-    bits ^= sign
-    del sign
-    key = bits.to(torch.int64)
-    del bits
-    key <<= 32
-    key += torch.arange(n - 1, -1, -1, dtype=torch.int64)
-    return torch.topk(key, k, dim=1).indices
-
-
-def _nearest(queries, gallery, k, self_start=None):
-    """Indices of the k most similar gallery rows for each query, by (sim desc, index asc).
-
-    ``self_start``: the queries are gallery rows self_start, self_start+1, ... (leave-one-out),
-    which are never retrieved for themselves.
-
-    A float ``topk`` of k+1 fixes the top-k *set* whenever the k-th and (k+1)-th values differ;
-    ties inside that set are then ordered by index with a small stable sort. Rows with a tie
-    across the k-th boundary (rare, except for collapsed embeddings) take the exact int64 key.
-    """
-    sim = queries @ gallery.T
-    if self_start is not None:
-        rows = torch.arange(len(queries))
-        sim[rows, rows + self_start] = -float("inf")  # never retrieve the query itself
-    vals, idx = torch.topk(sim, min(k + 1, sim.shape[1]), dim=1)
-    if vals.shape[1] == k:  # k is the whole gallery: no boundary to tie across
-        vals = torch.cat([vals, torch.full_like(vals[:, :1], -float("inf"))], dim=1)
-    tied = vals[:, k - 1] == vals[:, k]
-    vals, idx = vals[:, :k] + 0.0, idx[:, :k]  # + 0.0 turns -0.0 into +0.0
-    idx, perm = idx.sort(dim=1)
-    order = vals.gather(1, perm).sort(dim=1, descending=True, stable=True).indices
-    idx = idx.gather(1, order)
-    if tied.any():
-        idx[tied] = _exact_order(sim[tied], k)
-    return idx
-
-
 def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
                       chunk_size=1024, with_nmi=True, seed=0, n_init=3, is_query=None):
     """Precision@k, Recall@k, MAP@R, R-Precision (and NMI) of cosine retrieval.
@@ -83,7 +38,7 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
     row) selects the query-gallery protocol instead: the rows marked True are queries, ranked
     against the unmarked rows (the gallery) only. With fewer than k candidates, precision@k
     divides by their number instead of k. Working memory is a chunk_size x N float32 block
-    (~250 MB for N = 60,000), up to ~5x that if many rows tie.
+    (~250 MB for N = 60,000) and its masks.
     """
     x = F.normalize(_as_float(embeddings), dim=1)
     codes = _label_codes(labels)
@@ -91,16 +46,17 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
     if n < 2 or codes.shape[0] != n:
         raise ValueError(f"need >= 2 embeddings and one label each, got {n} and {codes.shape[0]}")
     if is_query is None:
-        query_rows, gallery_rows = torch.arange(n), torch.arange(n)
+        query_rows = gallery_rows = np.arange(n)
     else:
-        mask = torch.as_tensor(np.asarray(is_query, dtype=bool).reshape(-1))
+        mask = np.asarray(is_query, dtype=bool).reshape(-1)
         if mask.shape[0] != n or mask.all() or not mask.any():
             raise ValueError(f"is_query must mark some but not all of the {n} rows")
-        query_rows, gallery_rows = mask.nonzero()[:, 0], (~mask).nonzero()[:, 0]
-    gallery, gallery_codes = x[gallery_rows], codes[gallery_rows]
-    candidates = len(gallery_rows) - (1 if is_query is None else 0)
-    query_codes = codes[query_rows]
-    r = torch.bincount(gallery_codes, minlength=int(codes.max()) + 1)[query_codes] - (1 if is_query is None else 0)
+        query_rows, gallery_rows = np.flatnonzero(mask), np.flatnonzero(~mask)
+    leave_one_out = is_query is None
+    x_np = x.numpy()
+    gallery, gallery_codes, query_codes = x_np[gallery_rows], codes[gallery_rows], codes[query_rows]
+    candidates = len(gallery_rows) - leave_one_out
+    r = torch.bincount(gallery_codes, minlength=int(codes.max()) + 1)[query_codes] - leave_one_out
     kmax = min(candidates, max(*ks, *recall_ks, int(r.max())))
     ranks = torch.arange(1, kmax + 1, dtype=torch.float64)
     prec = {k: 0.0 for k in ks}
@@ -108,8 +64,9 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
     map_r = r_prec = 0.0
     for start in range(0, len(query_rows), chunk_size):
         stop = min(start + chunk_size, len(query_rows))
-        nearest = _nearest(x[query_rows[start:stop]], gallery, kmax, start if is_query is None else None)
-        rel = gallery_codes[nearest] == query_codes[start:stop, None]
+        exclude = np.arange(start, stop) if leave_one_out else None  # the query itself
+        nearest, _ = top_k(x_np[query_rows[start:stop]], gallery, kmax, exclude=exclude, chunk_size=chunk_size)
+        rel = gallery_codes[torch.from_numpy(nearest)] == query_codes[start:stop, None]
         hits = rel.cumsum(1, dtype=torch.float64)
         for k in ks:
             prec[k] += (hits[:, min(k, candidates) - 1] / min(k, candidates)).sum().item()
@@ -127,7 +84,7 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
     out["map_at_r"] = 100.0 * map_r / n_valid if n_valid else 0.0
     out["r_precision"] = 100.0 * r_prec / n_valid if n_valid else 0.0
     if with_nmi:
-        out["nmi"] = _kmeans_nmi(x.numpy(), codes.numpy(), seed, n_init)
+        out["nmi"] = _kmeans_nmi(x_np, codes.numpy(), seed, n_init)
     return {k: float(v) for k, v in out.items()}
 
 

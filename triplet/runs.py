@@ -9,10 +9,26 @@ from pathlib import Path
 from triplet.errors import UserError
 from triplet.fileio import read_json, write_csv, write_json
 
-HISTORY_FIELDS = ["epoch", "train_loss", "active_triplets", "val_loss", "val_triplet_accuracy",
-                  "val_precision_at_1", "lr", "seconds"]
-# Options that may differ between the first run and a resumed one without changing the result.
-RESUMABLE = {"resume", "force", "workers", "device", "progress", "epochs", "eval_batch_size", "gpu_cache", "compile"}
+# Option roles (a field's ``metadata["role"]``): "runtime" options decide where or how fast a run
+# goes, never its numbers; "extendable" ones may grow on --resume (more epochs). Both may differ
+# between a run and its resumption; the report's commands leave out the runtime ones.
+RESUMABLE_ROLES = ("runtime", "extendable")
+
+
+@dataclasses.dataclass
+class HistoryRow:
+    """One epoch of history.csv; its fields are the CSV header. Epoch 0 is the untrained model."""
+    epoch: int
+    train_loss: float
+    active_triplets: float
+    val_loss: float
+    val_triplet_accuracy: float
+    val_precision_at_1: float
+    lr: float
+    seconds: float
+
+
+HISTORY_FIELDS = [f.name for f in dataclasses.fields(HistoryRow)]
 RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_best.pt", "metrics.json",
              "metrics_untrained.json", "test_embeddings.npz", "test_embeddings_untrained.npz", "curves.png",
              "tsne.png", "pca.png", "retrieval.png"]
@@ -21,15 +37,18 @@ RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_bes
 def make_config(options, device, precision, world_size=1):
     from triplet.runtime import environment  # here: reports read run folders without torch
 
-    return {"options": dataclasses.asdict(options), "environment": environment(device, precision, world_size)}
+    roles = {f.name: f.metadata["role"] for f in dataclasses.fields(options) if "role" in f.metadata}
+    return {"options": dataclasses.asdict(options), "option_roles": roles,
+            "environment": environment(device, precision, world_size)}
 
 
 def option_defaults(options):
     return {f.name: f.default for f in dataclasses.fields(options) if f.default is not dataclasses.MISSING}
 
 
-def _differences(old, new):
-    return [k for k in sorted(set(old) | set(new)) if k not in RESUMABLE and old.get(k) != new.get(k)]
+def _differences(old, new, roles):
+    return [k for k in sorted(set(old) | set(new))
+            if roles.get(k) not in RESUMABLE_ROLES and old.get(k) != new.get(k)]
 
 
 def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None):
@@ -51,13 +70,27 @@ def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None):
     if config_path.exists():
         # An option missing from an older run's config is one added since: that run had its default.
         old = {**(defaults or {}), **read_json(config_path).get("options", {})}
-        changed = _differences(old, config["options"])
+        changed = _differences(old, config["options"], config.get("option_roles", {}))
         if changed:
             detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config['options'].get(k)!r}"
                                for k in changed[:3])
             raise UserError(f"{run_dir}: holds a run with a different configuration ({detail}); "
                             f"use another --out, or --force to overwrite it")
     return last if last.exists() else None
+
+
+def describe_recipe(options):
+    """``resnet18 (weights imagenet), 20 epochs, lr 0.001, batch 32, margin 1.0`` (+ mining, schedule):
+    how a run was trained, in one line, for figure titles and the report."""
+    parts = [f"{options.get('backbone', '?')} (weights {options.get('weights', '?')})",
+             f"{options.get('epochs', '?')} epoch{'' if options.get('epochs') == 1 else 's'}",
+             f"lr {options.get('lr', '?')}", f"batch {options.get('batch_size', '?')}",
+             f"margin {options.get('margin', '?')}"]
+    if options.get("mining", "none") != "none":
+        parts.append(f"{options['mining']} mining ({options.get('samples_per_class')} per class)")
+    if options.get("scheduler", "none") != "none":
+        parts.append(f"{options['scheduler']} lr")
+    return ", ".join(str(p) for p in parts)
 
 
 def write_history(run_dir, history):

@@ -8,6 +8,8 @@ cost more than the model on a GPU; the prepared copy has short side ``resize`` a
 channels, and its manifests fix the splits. ``prepare.json`` is written last, so a folder with
 it is complete, and re-running with the same options does nothing.
 """
+import contextlib
+import functools
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -102,23 +104,32 @@ def _check_splits(splits, dataset, protocol):
 
 
 def _decode_all(dataset, out, options, workers, skip_bad, log):
-    """Write every image into ``out/images``; return {image_id: error} of those skipped."""
+    """Write every image into ``out/images``; return {image_id: error} of those skipped.
+
+    ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
+    """
     if options.crop_bbox and dataset.kind in ("folder", "manifest"):
         raise UserError(f"--crop-bbox: {dataset.location} has no bounding boxes (only CUB-layout sets do)")
     from tqdm import tqdm
-    log(f"preparing {len(dataset.records)} images into {out} with {workers} processes")
+    if workers < 0:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    jobs = {r.image_id: (dataset.files[r.image_id], out / "images" / r.path, options.resize,
+                         r.bbox if options.crop_bbox else None) for r in dataset.records}
+    log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
     bad = {}
-    with ProcessPoolExecutor(workers) as pool:
-        futures = {pool.submit(_prepare_image, dataset.files[r.image_id], out / "images" / r.path, options.resize,
-                               r.bbox if options.crop_bbox else None): r for r in dataset.records}
-        for future in tqdm(futures, desc="prepare", unit="img"):
+    with contextlib.ExitStack() as stack:
+        if workers == 0:
+            results = {image_id: functools.partial(_prepare_image, *job) for image_id, job in jobs.items()}
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            results = {image_id: pool.submit(_prepare_image, *job).result for image_id, job in jobs.items()}
+            stack.callback(pool.shutdown, cancel_futures=True)  # on an error, skip what has not started
+        for image_id, result in tqdm(results.items(), desc="prepare", unit="img"):
             try:
-                future.result()
+                result()
             except UserError as e:
-                image_id = futures[future].image_id
                 line = f" (listed at {dataset.lines[image_id]})" if image_id in dataset.lines else ""
                 if not skip_bad:
-                    pool.shutdown(cancel_futures=True)
                     raise UserError(f"{e}{line}; or pass --skip-bad to leave such files out") from e
                 bad[image_id] = f"{e}{line}"
     for error in bad.values():
@@ -128,9 +139,10 @@ def _decode_all(dataset, out, options, workers, skip_bad, log):
     return bad
 
 
-def prepare(options, workers=None, log=print, dataset=None, test_fraction=0.2, skip_bad=False):
+def prepare(options, workers=-1, log=print, dataset=None, test_fraction=0.2, skip_bad=False):
     """Build (or find) the prepared copy for ``options``; return its folder.
 
+    ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
     ``dataset``: a ``triplet.data.sources.Dataset`` (default: the CUB layout in ``options.data_dir``);
     ``test_fraction`` splits a folder or a split-less manifest; ``skip_bad`` leaves unreadable images out.
     """
@@ -156,7 +168,7 @@ def prepare(options, workers=None, log=print, dataset=None, test_fraction=0.2, s
                                    options.split_seed)
 
     _check_splits(split(dataset.records), dataset, options.split)
-    bad = _decode_all(dataset, out, options, workers or min(8, os.cpu_count() or 1), skip_bad, log)
+    bad = _decode_all(dataset, out, options, workers, skip_bad, log)
     splits = split([r for r in dataset.records if r.image_id not in bad])
     _check_splits(splits, dataset, options.split)
     if dataset.roles:
@@ -191,6 +203,28 @@ def read_prepare_info(prepared):
     dataset = info.get("dataset") or {"name": "unknown", "kind": "unknown", "source": ""}
     return {"dataset": {k: dataset.get(k) for k in ("name", "kind", "source")},
             "protocol": info.get("protocol", LEAVE_ONE_OUT)}
+def _as_flags(options):
+    """Prepared-copy options as the command-line flags that select them."""
+    flags = [f"--split {options['split']}", f"--resize {options['resize']}",
+             f"--val-fraction {options['val_fraction']:g}", f"--split-seed {options['split_seed']}"]
+    return " ".join(flags + (["--crop-bbox"] if options.get("crop_bbox") else []))
+
+
+def missing_prepared_message(prepared):
+    """Why ``prepared`` is not there, and the prepared copies that are (with the flags that pick them)."""
+    prepared = Path(prepared)
+    others = []
+    for marker in sorted(prepared.parent.glob("*/prepare.json")):
+        try:
+            others.append(f"{marker.parent.name} ({_as_flags(read_json(marker)['options'])})")
+        except (UserError, KeyError, TypeError):
+            continue
+    text = (f"{prepared}: no prepared data for these options; --resize, --val-fraction, --split, --split-seed "
+            f"and --crop-bbox must match the prepare_data.py run that made it: run `python scripts/prepare_data.py` "
+            f"with the same options (or `make data`)")
+    if others:
+        text += f"; prepared under {prepared.parent}: " + ", ".join(others)
+    return text
 
 
 def read_manifest(prepared, split):
@@ -198,7 +232,6 @@ def read_manifest(prepared, split):
     prepared = Path(prepared)
     path = prepared / f"{split}.csv"
     if not (prepared / "prepare.json").exists() or not path.exists():
-        raise UserError(f"{prepared}: no prepared data; run `python scripts/prepare_data.py` "
-                        f"with the same --data-dir/--split options (or `make data`)")
+        raise UserError(missing_prepared_message(prepared))
     rows = read_csv(path)
     return [str(prepared / r["path"]) for r in rows], [int(r["class_id"]) for r in rows]

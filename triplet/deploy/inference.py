@@ -6,7 +6,8 @@ input size, resize size, mean, std, source run) as JSON-encoded ``metadata_props
 preprocessing is ``triplet.deploy.preprocess.preprocess``, the very function the torch evaluation
 transform calls, so deployed embeddings match evaluation by construction.
 
-Also here: the cached gallery embeddings and nearest-neighbour lookup behind scripts/search.py.
+Also here: the cached gallery embeddings behind scripts/search.py (``triplet.deploy.neighbours``
+ranks them).
 """
 import hashlib
 import json
@@ -143,10 +144,3 @@ def gallery_embeddings(embedder, folder, batch_size=64, log=print):
         except OSError as e:
             log(f"note: could not write the gallery cache {cache_path} ({e}); continuing without it")
     return files, embeddings
-
-
-def nearest(queries, gallery, k=5):
-    """Top-k gallery rows per query by cosine similarity (ties: lower index); (indices, sims)."""
-    sims = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(sims, order, axis=1)

@@ -62,6 +62,7 @@ def load_runs(results_dir, log=print):
         dataset = run_dataset(metrics, config, options)
         baseline = metrics.get("checkpoint") == "none"
         runs.append({"name": run_dir.name, "dir": run_dir, "metrics": metrics, "options": options,
+                     "runtime_options": {k for k, role in config.get("option_roles", {}).items() if role == "runtime"},
                      "environment": config.get("environment", {}), "baseline": baseline, "untrained": untrained,
                      "dataset": dataset, "stale": not baseline and is_stale(run_dir),
                      "study": None if baseline else study.matching_experiment(run_dir.name, options, dataset["kind"])})

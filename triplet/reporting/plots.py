@@ -7,6 +7,7 @@ With 200 CUB classes a map coloured by every class is unreadable, so a seeded su
 """
 import io
 import math
+import os
 import re
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from triplet.deploy.neighbours import normalise, top_k
 from triplet.errors import UserError
 from triplet.fileio import atomic_path, read_csv, read_json
-from triplet.runs import require_run_dir
+from triplet.runs import describe_recipe, require_run_dir
 
 DPI = 100
 SAME, OTHER = "#1a9850", "#d73027"  # frame colours: neighbour of the query's class / of another
@@ -50,23 +52,29 @@ def class_names(labels, paths):
     return names
 
 
-def normalise(x):
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def projection_threads(points):
+    """OpenMP/BLAS threads for a projection of ``points``: one per thousand points, at most the
+    usable cores. A small map on all cores spends its time in thread start-up and, on a busy
+    machine, in oversubscription; a large one still gets every core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, points // 1000))
 
 
 def project(embeddings, method="tsne", seed=0):
     """2-D coordinates of the L2-normalised embeddings (Euclidean there is monotone in cosine)."""
     from sklearn.decomposition import PCA  # imported here: only the plots need scikit-learn
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     x = normalise(embeddings)
-    if method == "pca":
-        return PCA(n_components=2, random_state=seed).fit_transform(x)
-    if x.shape[1] > 50 and len(x) > 50:  # the usual PCA-50 first: same map, much faster
-        x = PCA(n_components=50, random_state=seed).fit_transform(x)
-    perplexity = max(1.0, min(30.0, (len(x) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
-                random_state=seed).fit_transform(x)
+    with threadpool_limits(limits=projection_threads(len(x))):
+        if method == "pca":
+            return PCA(n_components=2, random_state=seed).fit_transform(x)
+        if x.shape[1] > 50 and len(x) > 50:  # the usual PCA-50 first: same map, much faster
+            x = PCA(n_components=50, random_state=seed).fit_transform(x)
+        perplexity = max(1.0, min(30.0, (len(x) - 1) / 3))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto",
+                    random_state=seed, n_jobs=projection_threads(len(x))).fit_transform(x)
 
 
 def _save(fig, path, colours=None):
@@ -127,20 +135,12 @@ def choose_queries(labels, count, seed=0):
     return np.array([rng.choice(np.flatnonzero(labels == c)) for c in picked])
 
 
-def nearest(embeddings, queries, k):
-    """(indices, similarities) of the top-k cosine neighbours of each query, itself excluded."""
-    x = normalise(embeddings)
-    sims = x[queries] @ x.T
-    sims[np.arange(len(queries)), queries] = -np.inf
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(sims, order, axis=1)
-
-
 def plot_retrieval(embeddings, labels, paths, names, path, title, queries=6, k=5, seed=0, size=128):
     """Each row: a query, then its top-k neighbours framed green (same class) or red (other)."""
     k = min(k, len(labels) - 1)
     q = choose_queries(labels, queries, seed)
-    order, sims = nearest(embeddings, q, k)
+    x = normalise(embeddings)
+    order, sims = top_k(x[q], x, k, exclude=q)
     fig = Figure(figsize=(1.75 * (k + 1), 1.95 * len(q)))
     axes = fig.subplots(len(q), k + 1, squeeze=False)
     missing = 0
@@ -216,19 +216,6 @@ def plot_curves(rows, path, title):
     return _save(fig, path)
 
 
-def describe(run_name, options):
-    """``exp1-resnet18: resnet18, 20 epochs, lr 0.001, batch 32, ...`` for figure titles."""
-    if not options:
-        return run_name
-    parts = [options.get("backbone"), f"{options.get('epochs')} epochs", f"lr {options.get('lr')}",
-             f"batch {options.get('batch_size')}", f"margin {options.get('margin')}"]
-    if options.get("mining", "none") != "none":
-        parts.append(f"{options['mining']} mining ({options.get('samples_per_class')} per class)")
-    if options.get("scheduler", "none") != "none":
-        parts.append(f"{options['scheduler']} lr")
-    return f"{run_name}: " + ", ".join(str(p) for p in parts)
-
-
 def plot_run(run_dir, method="tsne", max_points=0, seed=0, highlight=12, queries=6, log=print):
     """Write RUN_DIR/{tsne|pca}.png, retrieval.png and (when there is a history) curves.png."""
     run_dir = Path(run_dir)
@@ -254,7 +241,7 @@ def plot_run(run_dir, method="tsne", max_points=0, seed=0, highlight=12, queries
     history = run_dir / "history.csv"
     rows = read_csv(history) if history.exists() else []
     if rows:
-        written.append(plot_curves(rows, run_dir / "curves.png", describe(name, config.get("options"))))
+        written.append(plot_curves(rows, run_dir / "curves.png", f"{name}: {describe_recipe(config['options'])}" if config.get("options") else name))
     else:
         log(f"{run_dir} has no training history (an untrained baseline?); skipping curves.png")
     return written

@@ -17,6 +17,7 @@ from triplet.reporting import study
 from triplet.reporting.collect import dataset_label, load_runs, untrained_metrics
 from triplet.errors import UserError
 from triplet.fileio import write_text
+from triplet.runs import describe_recipe
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.
 ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
@@ -28,8 +29,6 @@ ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top
 FIGURES = [("curves.png", "training curves"), ("tsne.png", "t-SNE map"), ("pca.png", "PCA map"),
            ("retrieval.png", "retrieval examples")]
 BENCHMARKS = [("onnx_benchmark.md", "ONNX inference benchmark"), ("train_benchmark.md", "Training-step benchmark")]
-# Train options that decide where or how fast a run goes, not its numbers: left out of the command.
-RUNTIME = {"out", "resume", "force", "progress", "workers", "eval_batch_size", "device", "precision", "compile"}
 DASH = "—"
 
 NOTES = f"""\
@@ -57,11 +56,15 @@ def natural_key(name):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def train_command(run_dir, options):
-    """The ``scripts/train.py`` line that reproduces a run, rebuilt from its config.json."""
+def train_command(run_dir, options, runtime=()):
+    """The ``scripts/train.py`` line that reproduces a run, rebuilt from its config.json.
+
+    ``runtime``: options that decide where or how fast the run went, not its numbers (the
+    "runtime" role config.json records): left out, so the command runs on the reader's machine.
+    """
     args = []
     for key, value in options.items():
-        if key in RUNTIME or value is None or value is False:
+        if key in runtime or key == "out" or value is None or value is False:
             continue
         args.append(f"--{key.replace('_', '-')}")
         if value is not True:
@@ -140,10 +143,7 @@ def describe(run):
     if run["baseline"]:
         text = f"untrained {m.get('backbone', '?')} trunk (weights {o.get('weights', 'imagenet')}), no training"
     else:
-        text = (f"{m.get('backbone', o.get('backbone', '?'))} (weights {o.get('weights', '?')}), {o.get('epochs', '?')} "
-                f"epochs, lr {o.get('lr', '?')}, batch {o.get('batch_size', '?')}, mining {o.get('mining', '?')}, "
-                f"margin {o.get('margin', '?')}, scheduler {o.get('scheduler', 'none')}; checkpoint of epoch "
-                f"{m.get('epoch', '?')}")
+        text = f"{describe_recipe(o)}; checkpoint of epoch {m.get('epoch', '?')}"
     protocol = m.get("protocol", "leave-one-out")
     if protocol == "query-gallery":
         protocol += f": {m.get('num_queries', '?')} queries against {m.get('num_gallery', '?')} gallery images"
@@ -190,7 +190,7 @@ def run_section(run, by_name):
     figures = [f"[{label}]({quote(run['name'] + '/' + file)})" for file, label in FIGURES if (run_dir / file).exists()]
     plot = f"python scripts/plot_embeddings.py --run {shlex.quote(str(run_dir))}"
     lines += ["", "Figures: " + (" · ".join(figures) if figures else f"none yet (`{plot}`)")]
-    commands = [] if run["baseline"] or not run["options"] else [train_command(run_dir, run["options"])]
+    commands = [] if run["baseline"] or not run["options"] else [train_command(run_dir, run["options"], run["runtime_options"])]
     commands.append(evaluate_command(run_dir, m, run["options"]))
     if (run_dir / "tsne.png").exists() or (run_dir / "pca.png").exists():
         commands.append(plot)
