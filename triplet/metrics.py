@@ -52,7 +52,7 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
         if mask.shape[0] != n or mask.all() or not mask.any():
             raise ValueError(f"is_query must mark some but not all of the {n} rows")
         query_rows, gallery_rows = np.flatnonzero(mask), np.flatnonzero(~mask)
-    leave_one_out = is_query is None
+    leave_one_out = int(is_query is None)  # 1: the query itself is no candidate
     x_np = x.numpy()
     gallery, gallery_codes, query_codes = x_np[gallery_rows], codes[gallery_rows], codes[query_rows]
     candidates = len(gallery_rows) - leave_one_out
@@ -64,7 +64,7 @@ def retrieval_metrics(embeddings, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8),
     map_r = r_prec = 0.0
     for start in range(0, len(query_rows), chunk_size):
         stop = min(start + chunk_size, len(query_rows))
-        exclude = np.arange(start, stop) if leave_one_out else None  # the query itself
+        exclude = np.arange(start, stop) if leave_one_out else None
         nearest, _ = top_k(x_np[query_rows[start:stop]], gallery, kmax, exclude=exclude, chunk_size=chunk_size)
         rel = gallery_codes[torch.from_numpy(nearest)] == query_codes[start:stop, None]
         hits = rel.cumsum(1, dtype=torch.float64)
