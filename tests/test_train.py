@@ -71,7 +71,7 @@ def test_run_folder_and_checkpoint_round_trip(tiny_run):
         assert (tiny_run / name).is_file(), name
     checkpoint = torch.load(tiny_run / "checkpoint_best.pt", weights_only=True)
     assert {"model", "optimizer", "epoch", "best_metric", "model_args", "config"} <= set(checkpoint)
-    assert checkpoint["model_args"] == {"backbone": "resnet18", "embedding_dim": 128}
+    assert checkpoint["model_args"] == {"backbone": "resnet18", "embedding_dim": 128, "image_size": 32}
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["options"]["lr"] == 0.001 and config["environment"]["torch"] == torch.__version__
     assert {"git_commit", "device", "torchvision"} <= set(config["environment"])
