@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from triplet import engine, runs, runtime
-from triplet.checkpoint import model_from_checkpoint
+from triplet.checkpoint import checkpoint_options, model_from_checkpoint
 from triplet.cli import check, run
 from triplet.data.datasets import ImageDataset
-from triplet.fileio import atomic_path, read_json, write_json
+from triplet.fileio import atomic_path, write_json
 from triplet.backbones import DEFAULT_BACKBONE, check_backbone
 from triplet.model import build_model
 from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
@@ -57,15 +57,16 @@ def load_model(opts, run_dir):
     config_path = run_dir / "config.json"
     if opts.checkpoint == "none":
         if config_path.exists():
-            options = read_json(config_path)["options"]
+            options = runs.read_config(config_path)["options"]
         else:
             run_dir.mkdir(parents=True, exist_ok=True)
             options = dataclasses.asdict(opts) | {"data_dir": opts.data_dir or "data", "margin": 1.0}
+        runs.require_options(options, ("backbone", "embedding_dim", "weights", "image_size"), config_path)
         model = build_model(options["backbone"], options["embedding_dim"], options["weights"], options["image_size"])
         return model.eval(), options, {"checkpoint": "none", "epoch": 0}
     path = run_dir / f"checkpoint_{opts.checkpoint}.pt" if opts.checkpoint in ("best", "last") else Path(opts.checkpoint)
     model, checkpoint = model_from_checkpoint(path)
-    options = checkpoint["config"]["options"]
+    options = runs.require_options(checkpoint_options(checkpoint, path), ("backbone", "embedding_dim", "image_size"), path)
     return model, options, {"checkpoint": str(path), "epoch": checkpoint["epoch"] + 1}
 
 

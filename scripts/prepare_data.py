@@ -14,6 +14,7 @@ from triplet.data import cub, sources
 from triplet.cli import check, run
 from triplet.errors import UserError
 from triplet.data.prepare import DataOptions, prepare
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -35,6 +36,12 @@ class Options(DataOptions):
                 "official) or of the classes (--split classes) held out for testing, seeded by --split-seed"})
     skip_bad: bool = field(default=False, metadata={
         "help": "leave unreadable or truncated images out (listed on screen and in prepare.json) instead of failing"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse an image with more pixels than this (a decompression bomb); 64 million passes 50-megapixel photos"})
+    max_members: int = field(default=cub.MAX_MEMBERS, metadata={
+        "help": "refuse an archive with more members than this (the CUB archive has about 12,000)"})
+    max_extract_gb: float = field(default=cub.MAX_EXTRACT_BYTES / 1e9, metadata={
+        "help": "refuse an archive that unpacks to more gigabytes than this (the CUB archive: about 1.2)"})
     workers: int = field(default=-1, metadata={
         "help": "processes that decode images (-1: one per usable core, at most 8; 0: decode in this process)"})
     synthetic: bool = field(default=False, metadata={
@@ -54,6 +61,9 @@ class Options(DataOptions):
         check(self.resize >= 8, "--resize must be at least 8 pixels")
         check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
         check(self.workers >= -1, "--workers must be -1 (automatic), 0 or more")
+        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
+        check(self.max_members >= 1, f"--max-members {self.max_members}: must be >= 1")
+        check(self.max_extract_gb > 0, f"--max-extract-gb {self.max_extract_gb}: must be > 0")
         sources_given = [name for name in ("synthetic", "digits", "image_folder", "manifest") if getattr(self, name)]
         check(len(sources_given) <= 1, f"--{' and --'.join(n.replace('_', '-') for n in sources_given)}: pick one")
         check(0 < self.test_fraction < 1, f"--test-fraction {self.test_fraction}: must be in (0, 1)")
@@ -71,7 +81,7 @@ def prepare_own_images(opts):
         dataset = sources.from_image_folder(opts.image_folder)
     else:
         dataset = sources.from_manifest(opts.manifest)
-    prepared = prepare(opts, opts.workers, dataset=dataset, test_fraction=opts.test_fraction,
+    prepared = prepare(opts, opts.workers, max_pixels=opts.max_pixels, dataset=dataset, test_fraction=opts.test_fraction,
                        skip_bad=opts.skip_bad)
     defaults = DataOptions()
     options = " ".join(f"--{name.replace('_', '-')} {getattr(opts, name)}" for name in
@@ -111,8 +121,8 @@ def main(opts):
         else:
             archive = cub.download(data_dir / cub.CUB_ARCHIVE, md5=opts.md5)
         print(f"extracting {archive} into {data_dir}")
-        cub.safe_extract(archive, data_dir)
-    prepare(opts, workers=opts.workers)
+        cub.safe_extract(archive, data_dir, opts.max_members, int(opts.max_extract_gb * 1e9))
+    prepare(opts, workers=opts.workers, max_pixels=opts.max_pixels)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from triplet.cli import check, run
 from triplet.deploy.inference import OnnxEmbedder, gallery_embeddings
 from triplet.deploy import neighbours
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Options:
                                                              "help": "one or more query images"})
     top_k: int = field(default=5, metadata={"help": "matches to print per query"})
     batch_size: int = field(default=64, metadata={"help": "images per onnxruntime call"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse an image with more pixels than this (a decompression bomb); 64 million passes 50-megapixel photos"})
 
     def __post_init__(self):
         check(self.model, "--model is required: an ONNX file written by scripts/export_onnx.py")
@@ -30,10 +33,11 @@ class Options:
         check(self.query, "--query is required: one or more images")
         check(self.top_k >= 1, "--top-k must be >= 1")
         check(self.batch_size >= 1, "--batch-size must be >= 1")
+        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
 
 
 def main(opts):
-    embedder = OnnxEmbedder(opts.model)
+    embedder = OnnxEmbedder(opts.model, max_pixels=opts.max_pixels)
     queries = embedder.embed(opts.query, opts.batch_size)  # first: a bad query fails before a long gallery pass
     paths, gallery = gallery_embeddings(embedder, opts.gallery, opts.batch_size)
     indices, sims = neighbours.top_k(queries, gallery, opts.top_k)

@@ -18,7 +18,7 @@ import torch
 
 from triplet import distributed as dist
 from triplet import engine, runs, runtime
-from triplet.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from triplet.checkpoint import REQUIRED_KEYS, RESUME_KEYS, load_checkpoint, load_model_state, save_checkpoint
 from triplet.cli import check, plural, run
 from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
 from triplet.errors import UserError
@@ -62,7 +62,8 @@ class Options(DataOptions):
     deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms (CUDA users; CPU runs are already reproducible)"})
     out: str = field(default="results/run", metadata={"role": "runtime", "help": "run folder (RUN_DIR)"})
     resume: bool = field(default=False, metadata={"role": "runtime", "help": "continue from RUN_DIR/checkpoint_last.pt (starts fresh when there is none)"})
-    force: bool = field(default=False, metadata={"role": "runtime", "help": "overwrite a run folder that already holds a run"})
+    force: bool = field(default=False, metadata={"role": "runtime", "help":
+        "replace the run RUN_DIR holds: once the new run is about to write, its files move to RUN_DIR/replaced-<time>/"})
     gpu_cache: bool = field(default=False, metadata={"role": "runtime",
         "help": "decode the training images once and keep them (uint8) on the device; augment there (forces --workers 0)"})
     progress: bool = field(default=True, metadata={"role": "runtime", "help": "hide the per-epoch progress bar (for logs and CI)"})
@@ -125,9 +126,10 @@ def main(opts):
     log = print if dist.is_main() else (lambda *a, **k: None)
     run_dir = Path(opts.out)
     config = runs.make_config(opts, device, precision, dist.world_size())
-    decision = None
-    if dist.is_main():  # only rank 0 touches the folder; every rank then follows its decision
+    decision, lock = None, None
+    if dist.is_main():  # only rank 0 locks and touches the folder; every rank then follows its decision
         try:
+            lock = runs.lock_run_dir(run_dir)  # held until this process ends
             decision = ("ok", runs.claim_run_dir(run_dir, config, opts.resume, opts.force, runs.option_defaults(opts)))
         except UserError as e:
             decision = ("error", str(e))
@@ -154,7 +156,7 @@ def main(opts):
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     start_epoch, best_metric, history = 0, float("-inf"), []
     if resume_from:
-        checkpoint = load_checkpoint(resume_from)
+        checkpoint = load_checkpoint(resume_from, REQUIRED_KEYS + RESUME_KEYS)
         load_model_state(model, checkpoint["model"], resume_from)
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
@@ -170,7 +172,9 @@ def main(opts):
     if opts.compile:
         net = runtime.compile_model(net, device)
     config["dataset"] = read_prepare_info(prepared)["dataset"]
-    if dist.is_main():
+    if dist.is_main():  # the first write: everything above was checked, so --force replaces only now
+        if opts.force:
+            runs.set_aside_old_run(run_dir, log)
         runs.write_config(run_dir, config)
     log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "
         f"images, {len(train_loader)} steps per epoch, mining={opts.mining}, workers={workers}")

@@ -76,14 +76,15 @@ def test_archive_path_end_to_end(synthetic_root, tmp_path):
     assert paths and archive.exists()
 
 
-def test_wrong_md5_is_refused_and_the_file_removed(synthetic_root, tmp_path):
+def test_wrong_md5_is_refused_and_the_users_archive_kept(synthetic_root, tmp_path):
     archive = tmp_path / "CUB_200_2011.tgz"
     pack_archive(synthetic_root, archive)
+    before = archive.read_bytes()
     result = run_script("prepare_data", "--data-dir", tmp_path / "data", "--archive", archive, check=False)
     assert result.returncode == 2
-    assert "does not match" in result.stderr and "deleted" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not archive.exists() and not (tmp_path / "data" / "CUB_200_2011").exists()
+    assert "does not match" in result.stderr and "left untouched" in result.stderr
+    assert "deleted" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert archive.read_bytes() == before and not (tmp_path / "data" / "CUB_200_2011").exists()
 
 
 def _evil_archive(path, member_name, kind=tarfile.REGTYPE):

@@ -58,7 +58,7 @@ def test_the_prepared_copy_is_upright(twins, tmp_path):
     prepared = prepare(DataOptions(data_dir=str(tmp_path / "data"), resize=48, val_fraction=0), workers=1,
                        log=lambda *a: None, dataset=sources.from_image_folder(photos), test_fraction=0.5)
     paths = read_manifest(prepared, "train")[0] + read_manifest(prepared, "test")[0]
-    with Image.open(next(p for p in paths if p.endswith("a/0.png"))) as image:
+    with Image.open(next(p for p in paths if p.endswith("a/0.png.jpg"))) as image:
         assert image.size == (64, 48)  # landscape, as the photo was taken
 
 

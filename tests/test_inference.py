@@ -129,3 +129,19 @@ def test_search_cli_finds_the_query_and_caches_the_gallery(model_path, images, t
     assert {lines[2].split()[2], lines[3].split()[2]} == {query.relative_to(gallery).as_posix(), "new/copy.jpg"}
     with np.load(caches[0]) as cache:
         assert len(cache["paths"]) == 13
+
+
+def test_search_refuses_a_decompression_bomb_in_one_line(model_path, images, tmp_path):
+    from tests.conftest import call_script
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb, optimize=True)  # 100 megapixels in a small file
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    shutil.copy(images[0], gallery / "a.jpg")
+    status, output = call_script("search", "--model", model_path, "--gallery", gallery, "--query", bomb)
+    assert status == 2 and len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    assert "bomb.png: 10000x10000 pixels (100 megapixels) is over the limit of 64 megapixels" in output
+    status, output = call_script("search", "--model", model_path, "--gallery", gallery, "--query", images[0],
+                                 "--max-pixels", 100)
+    assert status == 2 and "over the limit of 0.0001 megapixels" in output

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision import models
 
 from triplet.backbones import check_backbone
+from triplet.checkpoint import torch_load
 from triplet.errors import UserError
 
 IMAGENET_CLASSES = 1000
@@ -86,10 +87,7 @@ def load_state_dict_file(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--weights {path}: file not found; use 'imagenet', 'none' or a state-dict path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--weights {path}: not a loadable weights file ({e})") from e
+    state = torch_load(path, f"--weights {path}")
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UserError(f"--weights {path}: holds no state dict")

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from triplet.errors import UserError
+from triplet.fileio import read_text
 
 CUB_ARCHIVE = "CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -27,6 +28,8 @@ CUB_URLS = [
     "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
     "https://s3.amazonaws.com/fast-ai-imageclas/CUB_200_2011.tgz",
 ]
+CUB_MEMBERS, CUB_UNPACKED_BYTES = 12_000, 1_200_000_000  # about: 11,788 images, folders, metadata
+MAX_MEMBERS, MAX_EXTRACT_BYTES = 50_000, 5_000_000_000  # about four times the real archive
 METADATA_FILES = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt",
                   "bounding_boxes.txt"]
 
@@ -39,13 +42,20 @@ def md5sum(path, chunk_size=1 << 20):
     return digest.hexdigest()
 
 
-def verify_md5(path, expected):
-    """Delete ``path`` and fail when its MD5 is not ``expected``: a bad archive is never kept."""
+def verify_md5(path, expected, downloaded=False):
+    """Fail when the MD5 of ``path`` is not ``expected``; delete it only if this program downloaded it.
+
+    A bad download is never kept; a user's own file (``--archive``) is never touched.
+    """
     actual = md5sum(path)
     if actual != expected.lower():
-        Path(path).unlink()
-        raise UserError(f"{path}: MD5 {actual} does not match the expected {expected}; the file was "
-                        f"deleted. Download it again, or pass --md5 if it is a different archive on purpose")
+        if downloaded:
+            Path(path).unlink()
+            raise UserError(f"{path}: MD5 {actual} does not match the expected {expected}; the download was "
+                            f"deleted. Run the command again to download it anew")
+        raise UserError(f"{path}: MD5 {actual} does not match the expected {expected}; the file was left "
+                        f"untouched. Check --archive and --md5 (pass --md5 {actual} if it is a different "
+                        f"archive on purpose)")
 
 
 def download(dest, urls=CUB_URLS, md5=CUB_MD5, expected_bytes=CUB_BYTES):
@@ -76,7 +86,7 @@ def download(dest, urls=CUB_URLS, md5=CUB_MD5, expected_bytes=CUB_BYTES):
             errors.append(f"{url}: connection closed after {part.stat().st_size:,} of {total:,} bytes")
             continue
         part.replace(dest)
-        verify_md5(dest, md5)
+        verify_md5(dest, md5, downloaded=True)
         return dest
     raise UserError(
         f"could not download {dest.name} ({'; '.join(errors)}). Download it by hand from "
@@ -94,11 +104,29 @@ def _check_member(member, dest):
         raise UserError(f"archive member {name!r} would be written outside {dest}; refusing to extract")
 
 
-def safe_extract(archive, data_dir):
+def _checked_members(tar, archive, staging, max_members, max_bytes):
+    """Every member, checked one by one before anything is written; stops at the first excess."""
+    members, total = [], 0
+    for member in tar:
+        members.append(member)
+        total += member.size if member.isfile() else 0
+        if len(members) > max_members:
+            raise UserError(f"{archive}: holds more than {max_members:,} members (the CUB archive has about "
+                            f"{CUB_MEMBERS:,}); refusing to extract. Raise --max-members if you trust it")
+        if total > max_bytes:
+            raise UserError(f"{archive}: unpacks to more than {max_bytes / 1e9:g} GB (the CUB archive to about "
+                            f"{CUB_UNPACKED_BYTES / 1e9:.1f}); refusing to extract. Raise --max-extract-gb if you "
+                            f"trust it")
+        _check_member(member, staging)
+    return members
+
+
+def safe_extract(archive, data_dir, max_members=MAX_MEMBERS, max_bytes=MAX_EXTRACT_BYTES):
     """Extract a CUB archive into ``data_dir`` after checking every member; all or nothing.
 
     Members go to a temporary folder inside ``data_dir`` first and ``CUB_200_2011`` is moved into
     place only when the whole archive extracted, so a truncated archive leaves nothing behind.
+    Member count and total size are bounded (a small archive can unpack to a full disk).
     """
     archive, data_dir = Path(archive), Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -106,9 +134,7 @@ def safe_extract(archive, data_dir):
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                members = tar.getmembers()
-                for member in members:
-                    _check_member(member, staging)
+                members = _checked_members(tar, archive, staging, max_members, max_bytes)
                 tar.extractall(staging, members=members, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
             raise UserError(f"{archive}: not a readable gzip tar archive ({e}); "
@@ -141,7 +167,7 @@ def _read_table(path, columns, convert):
         raise UserError(f"{path}: metadata file missing; the dataset folder is incomplete "
                         f"(re-extract the archive or run `make data`)")
     rows = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.split(maxsplit=columns - 1) if columns == 2 else line.split()
@@ -155,6 +181,16 @@ def _read_table(path, columns, convert):
             raise UserError(f"{path}:{number}: id {key} appears twice")
         rows[key] = value
     return rows
+
+
+def _box(fields):
+    """x, y, width, height: finite, with a positive size (a box partly outside is clipped when cropping)."""
+    box = tuple(float(v) for v in fields)
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError("a bounding box needs finite numbers")
+    if box[2] <= 0 or box[3] <= 0:
+        raise ValueError("a bounding box needs a positive width and height")
+    return box
 
 
 def _safe_relative(path_text, where):
@@ -174,7 +210,7 @@ def read_metadata(cub_root, check_files=True):
     labels = _read_table(root / "image_class_labels.txt", 2, lambda f: int(f[0]))
     split = _read_table(root / "train_test_split.txt", 2, lambda f: int(f[0]))
     classes = _read_table(root / "classes.txt", 2, lambda f: f[0])
-    boxes = _read_table(root / "bounding_boxes.txt", 5, lambda f: tuple(float(v) for v in f))
+    boxes = _read_table(root / "bounding_boxes.txt", 5, _box)
     ids = set(images)
     for name, table in [("image_class_labels.txt", labels), ("train_test_split.txt", split),
                         ("bounding_boxes.txt", boxes)]:

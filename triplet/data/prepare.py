@@ -5,8 +5,8 @@ The images come from CUB's layout, a folder of class subfolders or a CSV manifes
 
 Decoding the original JPEGs (about 500x375, some grayscale, a few CMYK) on every access would
 cost more than the model on a GPU; the prepared copy has short side ``resize`` and three
-channels, and its manifests fix the splits. ``prepare.json`` is written last, so a folder with
-it is complete, and re-running with the same options does nothing.
+channels (JPEG, named ``.jpg``), and its manifests fix the splits. ``prepare.json`` is written
+last; re-running with the same options does nothing, or redoes only images that went missing.
 """
 import contextlib
 import functools
@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from triplet.data import sources
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
-from triplet.fileio import atomic_path, read_csv, read_json, write_csv, write_json
+from triplet.fileio import atomic_path, read_csv, read_json_object, write_csv, write_json
 
 MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
 SPLITS = ("train", "val", "test")
@@ -47,7 +48,7 @@ class DataOptions:
 
 def run_data_options(options, data_dir=""):
     """The DataOptions a run was trained with, from its options dict; ``data_dir`` overrides the folder."""
-    data = DataOptions(**{k: options[k] for k in asdict(DataOptions())})
+    data = DataOptions(**{k: options[k] for k in asdict(DataOptions()) if k in options})  # older runs: defaults
     if data_dir:
         data.data_dir = data_dir
     return data
@@ -66,24 +67,42 @@ def _data_options(options):
     return {k: getattr(options, k) for k in asdict(DataOptions()) if k != "data_dir"}
 
 
-def _prepare_image(source, target, resize, bbox):
-    """Decode, convert to RGB, crop, resize, save; any decoding problem names the file."""
+def prepared_relative_path(path):
+    """Prepared images are JPEGs and named so: ``a.png`` becomes ``a.png.jpg`` (no two sources collide)."""
+    return path if path.lower().endswith((".jpg", ".jpeg")) else f"{path}.jpg"
+
+
+def clip_box(bbox, size, source):
+    """(x, y, w, h) -> a crop box inside the image; a box with no pixels in the image is refused."""
+    x, y, w, h = bbox
+    left, top = max(0, int(x)), max(0, int(y))
+    right, bottom = min(size[0], int(round(x + w))), min(size[1], int(round(y + h)))
+    if right <= left or bottom <= top:
+        raise UserError(f"{source}: its bounding box {tuple(bbox)} (x, y, width, height in bounding_boxes.txt) "
+                        f"lies outside the {size[0]}x{size[1]} image; fix the box or prepare without --crop-bbox")
+    return left, top, right, bottom
+
+
+def _prepare_image(source, target, resize, bbox, max_pixels=DEFAULT_MAX_PIXELS):
+    """Decode (open_rgb), crop, resize, save as JPEG; any problem names the file."""
     if target.exists():
         return
-    try:
-        with Image.open(source) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")  # phone photos: upright, as people see them
-            if bbox is not None:
-                x, y, w, h = bbox
-                image = image.crop((int(x), int(y), int(round(x + w)), int(round(y + h))))
-            scale = resize / min(image.size)
-            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{source}: not a readable image ({e}); replace or remove it") from e
+    image = open_rgb(source, max_pixels)
+    if bbox is not None:
+        image = image.crop(clip_box(bbox, image.size, source))
+    scale = resize / min(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         image.save(tmp, format="JPEG", quality=95)
+
+
+def missing_images(prepared):
+    """Manifest rows of a prepared folder whose image is gone (a deleted file, a copy cut short)."""
+    prepared = Path(prepared)
+    return [row["path"] for split in SPLITS if (prepared / f"{split}.csv").exists()
+            for row in read_csv(prepared / f"{split}.csv", MANIFEST_FIELDS[:2]) if not (prepared / (row["path"] or "")).is_file()]
 
 
 def _check_splits(splits, dataset, protocol):
@@ -103,7 +122,7 @@ def _check_splits(splits, dataset, protocol):
                             f"triplets need at least two images of a class: add images or remove the class")
 
 
-def _decode_all(dataset, out, options, workers, skip_bad, log):
+def _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels=DEFAULT_MAX_PIXELS):
     """Write every image into ``out/images``; return {image_id: error} of those skipped.
 
     ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
@@ -113,8 +132,8 @@ def _decode_all(dataset, out, options, workers, skip_bad, log):
     from tqdm import tqdm
     if workers < 0:
         workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    jobs = {r.image_id: (dataset.files[r.image_id], out / "images" / r.path, options.resize,
-                         r.bbox if options.crop_bbox else None) for r in dataset.records}
+    jobs = {r.image_id: (dataset.files[r.image_id], out / "images" / prepared_relative_path(r.path), options.resize,
+                         r.bbox if options.crop_bbox else None, max_pixels) for r in dataset.records}
     log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
     bad = {}
     with contextlib.ExitStack() as stack:
@@ -139,10 +158,12 @@ def _decode_all(dataset, out, options, workers, skip_bad, log):
     return bad
 
 
-def prepare(options, workers=-1, log=print, dataset=None, test_fraction=0.2, skip_bad=False):
+def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, dataset=None, test_fraction=0.2,
+            skip_bad=False):
     """Build (or find) the prepared copy for ``options``; return its folder.
 
     ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
+    A complete copy is left alone; one with images missing is completed (existing images kept).
     ``dataset``: a ``triplet.data.sources.Dataset`` (default: the CUB layout in ``options.data_dir``);
     ``test_fraction`` splits a folder or a split-less manifest; ``skip_bad`` leaves unreadable images out.
     """
@@ -153,29 +174,32 @@ def prepare(options, workers=-1, log=print, dataset=None, test_fraction=0.2, ski
     if dataset.kind in ("folder", "manifest") and dataset.splits is None:
         identity["test_fraction"] = test_fraction
     if marker.exists():
-        previous = read_json(marker)
+        previous = read_json_object(marker)
         before = previous.get("dataset", {})
         if before and (before.get("kind"), before.get("name")) != (dataset.kind, dataset.name):
             raise UserError(f"{out}: holds a prepared copy of {before.get('source')}, not {identity['source']}; "
                             f"pass another --data-dir")
         if previous.get("options") == _data_options(options) and before == identity \
                 and previous.get("skip_bad", False) == skip_bad:
-            log(f"{out}: already prepared with these options; nothing to do")
-            return out
+            missing = missing_images(out)
+            if not missing:
+                log(f"{out}: already prepared with these options; nothing to do")
+                return out
+            log(f"{out}: {len(missing)} prepared image(s) missing (first: {missing[0]}); preparing them again")
 
     def split(records):
         return sources.make_splits(dataset, records, options.split, test_fraction, options.val_fraction,
                                    options.split_seed)
 
     _check_splits(split(dataset.records), dataset, options.split)
-    bad = _decode_all(dataset, out, options, workers, skip_bad, log)
+    bad = _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels)
     splits = split([r for r in dataset.records if r.image_id not in bad])
     _check_splits(splits, dataset, options.split)
     if dataset.roles:
         for role in ("query", "gallery"):
             splits[role] = [r for r in splits["test"] if dataset.roles[r.image_id] == role]
     for name, part in splits.items():
-        rows = [{"path": f"images/{r.path}", "class_id": r.class_id, "class_name": r.class_name,
+        rows = [{"path": f"images/{prepared_relative_path(r.path)}", "class_id": r.class_id, "class_name": r.class_name,
                  "image_id": r.image_id} for r in part]
         write_csv(out / f"{name}.csv", rows, MANIFEST_FIELDS)
     counts = {name: len(part) for name, part in splits.items()}
@@ -188,21 +212,6 @@ def prepare(options, workers=-1, log=print, dataset=None, test_fraction=0.2, ski
     return out
 
 
-def query_mask(prepared, paths):
-    """For the query-gallery protocol: which of ``paths`` (the test split) are queries; else None."""
-    if read_prepare_info(prepared)["protocol"] != QUERY_GALLERY:
-        return None
-    queries = set(read_manifest(prepared, "query")[0])
-    return np.array([p in queries for p in paths])
-
-
-def read_prepare_info(prepared):
-    """The dataset (name, kind, source) and evaluation protocol recorded in a prepared folder's prepare.json."""
-    marker = Path(prepared) / "prepare.json"
-    info = read_json(marker) if marker.exists() else {}
-    dataset = info.get("dataset") or {"name": "unknown", "kind": "unknown", "source": ""}
-    return {"dataset": {k: dataset.get(k) for k in ("name", "kind", "source")},
-            "protocol": info.get("protocol", LEAVE_ONE_OUT)}
 def _as_flags(options):
     """Prepared-copy options as the command-line flags that select them."""
     flags = [f"--split {options['split']}", f"--resize {options['resize']}",
@@ -216,7 +225,7 @@ def missing_prepared_message(prepared):
     others = []
     for marker in sorted(prepared.parent.glob("*/prepare.json")):
         try:
-            others.append(f"{marker.parent.name} ({_as_flags(read_json(marker)['options'])})")
+            others.append(f"{marker.parent.name} ({_as_flags(read_json_object(marker)['options'])})")
         except (UserError, KeyError, TypeError):
             continue
     text = (f"{prepared}: no prepared data for these options; --resize, --val-fraction, --split, --split-seed "
@@ -227,11 +236,36 @@ def missing_prepared_message(prepared):
     return text
 
 
+def query_mask(prepared, paths):
+    """For the query-gallery protocol: which of ``paths`` (the test split) are queries; else None."""
+    if read_prepare_info(prepared)["protocol"] != QUERY_GALLERY:
+        return None
+    queries = set(read_manifest(prepared, "query")[0])
+    return np.array([p in queries for p in paths])
+
+
+def read_prepare_info(prepared):
+    """The dataset (name, kind, source) and evaluation protocol recorded in a prepared folder's prepare.json."""
+    marker = Path(prepared) / "prepare.json"
+    info = read_json_object(marker) if marker.exists() else {}
+    dataset = info.get("dataset") or {"name": "unknown", "kind": "unknown", "source": ""}
+    return {"dataset": {k: dataset.get(k) for k in ("name", "kind", "source")},
+            "protocol": info.get("protocol", LEAVE_ONE_OUT)}
 def read_manifest(prepared, split):
-    """Return (absolute image paths, class ids) of one split of a prepared folder."""
+    """Return (absolute image paths, class ids) of one split of a prepared folder, checked."""
     prepared = Path(prepared)
     path = prepared / f"{split}.csv"
     if not (prepared / "prepare.json").exists() or not path.exists():
         raise UserError(missing_prepared_message(prepared))
-    rows = read_csv(path)
-    return [str(prepared / r["path"]) for r in rows], [int(r["class_id"]) for r in rows]
+    paths, labels = [], []
+    for line, row in enumerate(read_csv(path, MANIFEST_FIELDS[:2]), start=2):
+        image = prepared / (row["path"] or "")
+        try:
+            labels.append(int(row["class_id"]))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}:{line}: class_id {row['class_id']!r} is not an integer") from e
+        if not row["path"] or not image.is_file():
+            raise UserError(f"{path}:{line}: image {image} is missing; the prepared copy is incomplete: run "
+                            f"scripts/prepare_data.py again with the same options (it redoes missing images)")
+        paths.append(str(image))
+    return paths, labels

@@ -16,14 +16,14 @@ import numpy as np
 import onnx
 import torch
 
-from triplet.checkpoint import model_from_checkpoint
+from triplet.checkpoint import checkpoint_options, model_from_checkpoint
 from triplet.errors import QualityGateError, UserError
-from triplet.fileio import atomic_path, read_json
+from triplet.fileio import atomic_path
 from triplet.deploy.inference import OnnxEmbedder, encode_metadata
 from triplet.metrics import retrieval_metrics
 from triplet.data.prepare import prepared_dir, query_mask, read_manifest, run_data_options
 from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
-from triplet.runs import find_runs, require_run_dir
+from triplet.runs import find_runs, read_metrics, require_run_dir
 from triplet.data.transforms import EvalTransform
 
 OPSET = 17
@@ -45,8 +45,8 @@ def load_run(run_dir, data_dir=""):
     run_dir = require_run_dir(run_dir)
     require_run_dir(run_dir, needs="metrics.json")
     model, checkpoint = model_from_checkpoint(run_dir / "checkpoint_best.pt")
-    options = checkpoint["config"]["options"]
-    return model, options, read_json(run_dir / "metrics.json"), run_data_options(options, data_dir)
+    options = checkpoint_options(checkpoint, run_dir / "checkpoint_best.pt")
+    return model, options, read_metrics(run_dir / "metrics.json"), run_data_options(options, data_dir)
 
 
 def run_metadata(run_dir, options, metrics):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from triplet.errors import UserError
 from triplet.fileio import atomic_path
-from triplet.deploy.preprocess import list_images, open_rgb, preprocess
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, list_images, open_rgb, preprocess
 
 FORMAT = "triplet-embedding-onnx/1"
 REQUIRED_METADATA = ("backbone", "embedding_dim", "image_size", "resize_size", "mean", "std")
@@ -37,9 +37,31 @@ def decode_metadata(props, source):
         raise UserError(f"{source}: has no triplet metadata (backbone, image size, mean, std...); "
                         f"export it with scripts/export_onnx.py")
     try:
-        return {"format": FORMAT, **{k: json.loads(v) for k, v in props.items() if k != "format"}}
+        metadata = {"format": FORMAT, **{k: json.loads(v) for k, v in props.items() if k != "format"}}
     except json.JSONDecodeError as e:
         raise UserError(f"{source}: damaged triplet metadata ({e})") from e
+    problem = _metadata_problem(metadata)
+    if problem:
+        raise UserError(f"{source}: damaged triplet metadata ({problem}); export it again with scripts/export_onnx.py")
+    return metadata
+
+
+def _metadata_problem(metadata):
+    """What is wrong with decoded metadata, in words, or None: each value as the exporter writes it."""
+    for key in ("embedding_dim", "image_size", "resize_size"):
+        value = metadata[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{key} {value!r} is not a positive integer"
+    for key in ("mean", "std"):
+        value = metadata[key]
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            return f"{key} {value!r} is not a list of three numbers"
+    if any(v <= 0 for v in metadata["std"]):
+        return f"std {metadata['std']!r} has a value <= 0"
+    if not isinstance(metadata["backbone"], str):
+        return f"backbone {metadata['backbone']!r} is not a name"
+    return None
 
 
 def _first_line(error):
@@ -49,8 +71,8 @@ def _first_line(error):
 class OnnxEmbedder:
     """An exported EmbeddingNet: images (paths or PIL images) -> L2-normalised float32 embeddings."""
 
-    def __init__(self, path, providers=None, threads=None):
-        self.path = Path(path)
+    def __init__(self, path, providers=None, threads=None, max_pixels=DEFAULT_MAX_PIXELS):
+        self.path, self.max_pixels = Path(path), max_pixels
         if not self.path.is_file():
             raise UserError(f"{self.path}: model file not found; export one with scripts/export_onnx.py")
         options = ort.SessionOptions()
@@ -70,7 +92,7 @@ class OnnxEmbedder:
 
     def preprocess(self, images):
         """Paths or PIL images -> float32 N x 3 x S x S, exactly as evaluation prepares them."""
-        return np.stack([preprocess(open_rgb(image), self.image_size, self.resize_size,
+        return np.stack([preprocess(open_rgb(image, self.max_pixels), self.image_size, self.resize_size,
                                     self.metadata["mean"], self.metadata["std"]) for image in images])
 
     def run(self, batch):

@@ -5,6 +5,7 @@ are identical by construction: decode with Pillow, apply the EXIF orientation, c
 ``resize_size`` (bilinear, antialiased), centre-crop ``image_size`` (torchvision's rounding),
 scale to [0, 1] and normalise. No torch import here: deployment needs only NumPy and Pillow.
 """
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +22,53 @@ def resize_size_for(image_size):
     return int(round(image_size * 256 / 224))
 
 
-def open_rgb(source):
-    """A path or a PIL image -> an upright RGB PIL image; an unreadable file is named in the error.
+DEFAULT_MAX_PIXELS = 64_000_000  # a 50-megapixel photo (8688 x 5792) passes; a 10000 x 10000 bomb does not
+HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit (and 32-bit integer) grey
 
-    Upright: a phone photo stored sideways with an EXIF orientation tag is turned as viewers show
-    it, as the prepared copy and training's decoder do, so it embeds like its upright twin.
+
+def check_pixels(size, source, max_pixels=DEFAULT_MAX_PIXELS):
+    """Refuse an image larger than ``max_pixels`` before it is decoded (a tiny file can hold a huge one)."""
+    width, height = size
+    if max_pixels and width * height > max_pixels:
+        raise UserError(f"{source}: {width}x{height} pixels ({width * height / 1e6:.0f} megapixels) is over the "
+                        f"limit of {max_pixels / 1e6:g} megapixels; shrink the image, or raise --max-pixels if "
+                        f"you trust it")
+
+
+def to_8bit(image):
+    """A 16-bit (or 32-bit integer) greyscale image scaled to 8 bits, not clipped to white by Pillow."""
+    if image.mode not in HIGH_BIT_DEPTH:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def open_rgb(source, max_pixels=DEFAULT_MAX_PIXELS):
+    """A path or a PIL image -> an RGB PIL image: the one decoder of prepare, evaluation and search.
+
+    Sizes are checked against ``max_pixels`` before decoding, a photo stored sideways with an EXIF
+    orientation tag is turned upright (as viewers show it, and training's decoder does, so it embeds
+    like its upright twin), high-bit-depth greyscale is scaled to 8 bits, and any failure names the
+    file in one line.
     """
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB")
+        check_pixels(source.size, "image", max_pixels)
+        return to_8bit(ImageOps.exif_transpose(source)).convert("RGB")
+    # Pillow's own guard (warns above its limit, refuses at twice it) follows ours for this call.
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
-        with Image.open(source) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UserError(f"{source}: not a readable image ({e})") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels says it in one line
+            with Image.open(source) as image:
+                check_pixels(image.size, source, max_pixels)
+                return to_8bit(ImageOps.exif_transpose(image)).convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{source}: over the limit of {max_pixels / 1e6:g} megapixels ({e}); shrink the image, "
+                        f"or raise --max-pixels if you trust it") from e
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise UserError(f"{source}: not a readable image ({e}); replace or remove it") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def preprocess(image, image_size, resize_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -10,9 +10,8 @@ from pathlib import Path
 from triplet.data.prepare import prepared_dir, read_prepare_info, run_data_options
 from triplet.data.sources import cub_kind
 from triplet.errors import UserError
-from triplet.fileio import read_json
 from triplet.reporting import study
-from triplet.runs import find_runs
+from triplet.runs import NUMERIC_METRICS, find_runs, read_config, read_metrics
 
 
 def run_dataset(metrics, config, options):
@@ -47,14 +46,16 @@ def is_stale(run_dir):
     return last.exists() and metrics.stat().st_mtime_ns < last.stat().st_mtime_ns
 
 
-def load_runs(results_dir, log=print):
-    """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped."""
+def load_runs(results_dir, log=print, numeric=NUMERIC_METRICS):
+    """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped.
+
+    ``numeric``: the metrics.json keys that must hold numbers where present (``runs.read_metrics``)."""
     runs = []
-    for run_dir, metrics in sorted(find_runs(results_dir, log), key=lambda r: r[0]):
+    for run_dir, metrics in sorted(find_runs(results_dir, log, numeric), key=lambda r: r[0]):
         try:
-            config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+            config = read_config(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
             untrained = run_dir / "metrics_untrained.json"
-            untrained = read_json(untrained) if untrained.exists() else None
+            untrained = read_metrics(untrained, numeric) if untrained.exists() else None
         except UserError as e:
             log(f"warning: skipping {run_dir}: {e}")
             continue

@@ -18,8 +18,8 @@ from PIL import Image, ImageOps
 
 from triplet.deploy.neighbours import normalise, top_k
 from triplet.errors import UserError
-from triplet.fileio import atomic_path, read_csv, read_json
-from triplet.runs import describe_recipe, require_run_dir
+from triplet.fileio import atomic_path, read_csv
+from triplet.runs import describe_recipe, read_config, read_metrics, require_run_dir
 
 DPI = 100
 SAME, OTHER = "#1a9850", "#d73027"  # frame colours: neighbour of the query's class / of another
@@ -222,8 +222,8 @@ def plot_run(run_dir, method="tsne", max_points=0, seed=0, highlight=12, queries
     require_run_dir(run_dir, needs=None)
     embeddings, labels, paths = load_embeddings(run_dir)
     name, names = run_dir.resolve().name, class_names(labels, paths)
-    config = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
-    metrics = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    config = read_config(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+    metrics = read_metrics(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
     p1 = f", test P@1 {metrics['precision_at_1']:.1f}%" if "precision_at_1" in metrics else ""
     keep = np.arange(len(labels))
     if max_points and len(keep) > max_points:

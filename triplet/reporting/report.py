@@ -212,7 +212,8 @@ def build_report(results_dir, log=print):
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"--results {results_dir}: folder not found")
-    runs = load_runs(results_dir, log)
+    numeric = [key for key, _, _ in ROWS] + ["epoch", "num_images", "num_classes", "embedding_dim", "image_size"]
+    runs = load_runs(results_dir, log, numeric)
     if not runs:
         raise UserError(f"--results {results_dir}: no evaluated runs (no */metrics.json); run "
                         f"python scripts/evaluate.py --run RUN_DIR first")
