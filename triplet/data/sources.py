@@ -67,7 +67,8 @@ def from_image_folder(folder, log=print):
     """``folder/<class>/**/<image>``: one class per subfolder, images at any depth below it."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"--image-folder {folder}: folder not found")
+        raise UserError(f"--image-folder {folder}: {'not a folder' if folder.exists() else 'folder not found'}; "
+                        f"pass the folder that holds one subfolder per class")
     records, files = [], {}
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     for class_dir in class_dirs:
