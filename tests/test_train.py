@@ -177,7 +177,7 @@ def test_an_option_added_since_a_run_was_made_counts_as_its_default(tmp_path):
     (["--crop-scale", "0"], "--crop-scale 0.0: must be in (0, 1]"),
     (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--batch-size", "1"], "--batch-size 1: must be >= 2"),
-    (["--backbone", "vgg16"], "--backbone 'vgg16': unknown"),
+    (["--backbone", "vgg1600"], "--backbone 'vgg1600': not a torchvision classification model; did you mean"),
     (["--mining", "hard", "--batch-size", "56", "--samples-per-class", "4"], "PK batches need P"),
     (["--data-dir", "/nonexistent/data"], "no prepared data"),
 ])
