@@ -90,7 +90,7 @@ $(foreach e,$(EXPERIMENTS),$(eval $(call experiment_rules,$(e))))
 $(RESULTS)/%/tsne.png: $(RESULTS)/%/metrics.json
 	$(PY) scripts/plot_embeddings.py --run $(@D)
 
-## baseline: evaluate the untrained ImageNet trunk (what training adds)
+## baseline: evaluate the untrained model every experiment starts from (seed 0, as train.py): what training adds
 baseline: $(RESULTS)/baseline-$(BACKBONE)$(RUN_TAG)/metrics.json
 $(RESULTS)/baseline-%/metrics.json: $(PREPARED)
 	$(PY) scripts/evaluate.py --run $(@D) --checkpoint none --backbone $(firstword $(subst -, ,$*)) --weights $(WEIGHTS) \
@@ -136,29 +136,53 @@ export: | setup
 bench: | setup
 	$(PY) scripts/benchmark_onnx.py --out $(RESULTS)/onnx_benchmark.json
 
+## gpu-check: on a CUDA machine, every GPU path in under 10 minutes, offline (results/gpu_check.md)
+gpu-check: | setup
+	$(PY) scripts/gpu_check.py --out $(RESULTS)/gpu_check.json --workdir $(RESULTS)/gpu_check
+
 ## bench-train: the suite's training step versus a straightforward implementation
 bench-train: | setup
 	$(PY) scripts/benchmark_train.py --out $(RESULTS)/train_benchmark.json
 
 ##@ Demo
+# A 10-class synthetic set at 32 px (docs/demo.md: why this set and recipe, and the gain across seeds).
 DEMO_DATA := $(DATA_DIR)/demo
 DEMO_RUN := $(RESULTS)/demo-resnet18
-DEMO_SPLIT := --resize 72 --val-fraction 0.25
+DEMO_SET := --classes 10 --per-class 150 --synthetic-size 48
+DEMO_SPLIT := --resize 37 --val-fraction 0.25
+DEMO_MODEL := --weights none --image-size 32
+DEMO_SEED ?= 0
+DEMO_RECIPE := --epochs 16 --lr 0.001 --scheduler cosine --batch-size 40 --samples-per-class 4 --mining semihard \
+               --margin 0.2 --crop-scale 0.5
+# The study's exp1 recipe (offline random triplets, margin 1, constant lr) on the same set and epochs.
+DEMO_STUDY_RECIPE := --epochs 16 --lr 0.001 --batch-size 32 --mining none --margin 1.0 --crop-scale 0.5
+DEMO_STUDY_RUN := $(RESULTS)/demo-study-resnet18
+# $(call demo_train,RECIPE,RUN_DIR): write the demo set (deterministic), train on it, evaluate, and evaluate the
+# run's own starting point.
+define demo_train
+$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) $(DEMO_SET)
+$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
+$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(1) --seed $(DEMO_SEED) --out $(2) --force
+$(PY) scripts/evaluate.py --run $(2)
+$(PY) scripts/evaluate.py --run $(2) --checkpoint none
+endef
 ## demo: the whole chain offline on a synthetic set (prepare, train, evaluate, plots, report, ONNX, inference)
 demo: | setup
-	$(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) --classes 10 --per-class 40 --synthetic-size 96
-	$(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
-	$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) --weights none --image-size 64 --epochs 20 \
-	    --lr 0.0003 --batch-size 32 --out $(DEMO_RUN) --force
-	$(PY) scripts/evaluate.py --run $(DEMO_RUN)
-	$(PY) scripts/evaluate.py --run $(DEMO_RUN) --checkpoint none
+	$(call demo_train,$(DEMO_RECIPE),$(DEMO_RUN))
 	$(PY) scripts/plot_embeddings.py --run $(DEMO_RUN)
 	$(PY) scripts/report.py --results $(RESULTS)
+	$(PY) scripts/report.py --demo-table $(DEMO_RUN)
 	$(PY) scripts/export_onnx.py --run $(DEMO_RUN) --out exports/demo-resnet18.onnx --int8 --calibration-images 100 --max-drop 100
-	$(PY) scripts/search.py --model exports/demo-resnet18.onnx --gallery $(DEMO_DATA)/prepared/official-r72-val0.25-seed0/images \
+	$(PY) scripts/search.py --model exports/demo-resnet18.onnx --gallery $(DEMO_DATA)/prepared/official-r37-val0.25-seed0/images \
 	    --query $(DEMO_DATA)/CUB_200_2011/images/003.*/*_0001_*.jpg --top-k 5
-	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
+	@echo; echo "demo done: run folder $(DEMO_RUN)/ (metrics.json, metrics_untrained.json, history.csv, curves.png, tsne.png, retrieval.png)"; \
 	 echo "report $(RESULTS)/REPORT.md, models exports/demo-resnet18.onnx and exports/demo-resnet18.int8.onnx"
+
+## demo-study: the study's recipe (random triplets, margin 1) on the same set, beside it in REPORT.md
+demo-study: | setup
+	$(call demo_train,$(DEMO_STUDY_RECIPE),$(DEMO_STUDY_RUN))
+	$(PY) scripts/report.py --results $(RESULTS)
+	$(PY) scripts/report.py --demo-table $(DEMO_STUDY_RUN)
 
 ## readme: rewrite the README's script reference from every script's --help (a test checks it)
 readme: | setup
@@ -168,4 +192,4 @@ readme: | setup
 clean:
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test data $(EXPERIMENTS) baseline all custom report export bench bench-train demo readme clean
+.PHONY: help setup test data $(EXPERIMENTS) baseline all custom report export bench gpu-check bench-train demo demo-study readme clean

@@ -24,7 +24,7 @@ from triplet.cli import check, run
 from triplet.data.datasets import ImageDataset
 from triplet.fileio import atomic_path, write_json
 from triplet.backbones import DEFAULT_BACKBONE, check_backbone
-from triplet.model import build_model
+from triplet.model import build_seeded_model
 from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
                                   run_data_options)
 from triplet.data.transforms import EvalTransform
@@ -34,13 +34,16 @@ from triplet.data.transforms import EvalTransform
 class Options(DataOptions):
     run: str = field(default="", metadata={"required": True, "help": "run folder (RUN_DIR) to evaluate and write into"})
     checkpoint: str = field(default="best", metadata={
-        "help": "best, last, none (the untrained trunk: what training added), or a checkpoint path"})
+        "help": "best, last, none (the untrained model the run started from, rebuilt from its seed: what training "
+                "added), or a checkpoint path"})
     data_dir: str = field(default="", metadata={"help": "data folder (default: the one the run was trained on)"})
     batch_size: int = field(default=128, metadata={"help": "images per embedding batch"})
     workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: automatic)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "where to embed"})
-    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"], "help": "autocast precision"})
-    seed: int = field(default=0, metadata={"help": "seed of the fixed test triplets"})
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"], "help": "autocast precision (auto: as train.py decides)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the fixed test triplets; --checkpoint none on a folder without config.json: also the "
+                "model's initialisation (as train.py --seed)"})
     backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "--checkpoint none on a folder without config.json: trunk"})
     weights: str = field(default="imagenet", metadata={"help": "--checkpoint none on a folder without config.json: trunk weights"})
     embedding_dim: int = field(default=128, metadata={"help": "--checkpoint none on a folder without config.json: embedding size"})
@@ -62,8 +65,10 @@ def load_model(opts, run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             options = dataclasses.asdict(opts) | {"data_dir": opts.data_dir or "data", "margin": 1.0}
         runs.require_options(options, ("backbone", "embedding_dim", "weights", "image_size"), config_path)
-        model = build_model(options["backbone"], options["embedding_dim"], options["weights"], options["image_size"])
-        return model.eval(), options, {"checkpoint": "none", "epoch": 0}
+        # exactly the model train.py started from: same seed, same build
+        model = build_seeded_model(options.get("seed", 0), options["backbone"], options["embedding_dim"],
+                                   options["weights"], options["image_size"])
+        return model.eval(), options, {"checkpoint": "none", "epoch": 0, "init_seed": options.get("seed", 0)}
     path = run_dir / f"checkpoint_{opts.checkpoint}.pt" if opts.checkpoint in ("best", "last") else Path(opts.checkpoint)
     model, checkpoint = model_from_checkpoint(path)
     options = runs.require_options(checkpoint_options(checkpoint, path), ("backbone", "embedding_dim", "image_size"), path)
@@ -96,8 +101,8 @@ def main(opts):
     result = {**{k: round(v, 4) for k, v in metrics.items()}, **info, "backbone": options["backbone"],
               "embedding_dim": options["embedding_dim"], "image_size": options["image_size"],
               "split": data.split, "num_images": int(len(labels)), "num_classes": int(len(set(labels.tolist()))),
-              "seed": opts.seed, "dataset": source["dataset"]["name"], "dataset_kind": source["dataset"]["kind"],
-              "protocol": source["protocol"]}
+              "seed": opts.seed, "precision": precision, "dataset": source["dataset"]["name"],
+              "dataset_kind": source["dataset"]["kind"], "protocol": source["protocol"]}
     if is_query is not None:
         result |= {"num_queries": int(is_query.sum()), "num_gallery": int((~is_query).sum())}
     write_json(run_dir / f"metrics{suffix}.json", result)

@@ -18,16 +18,18 @@ import torch
 
 from triplet import distributed as dist
 from triplet import engine, runs, runtime
-from triplet.checkpoint import REQUIRED_KEYS, RESUME_KEYS, load_checkpoint, load_model_state, save_checkpoint
+from triplet.checkpoint import REQUIRED_KEYS, RESUME_KEYS, check_world_size, load_checkpoint, prepare_training, save_checkpoint
 from triplet.cli import check, plural, run
-from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, check_triplet_ready
+from triplet.data.datasets import ImageDataset, check_triplet_ready
+from triplet.data.samplers import PKSampler, TripletBatchSampler
 from triplet.errors import UserError
 from triplet.mining import get_miner
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
-from triplet.model import build_model
+from triplet.model import build_seeded_model
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
 from triplet.seeding import seed_everything
-from triplet.data.transforms import CachedTrainTransform, EvalTransform, TrainTransform
+from triplet.data.gpu_cache import GpuCache, KeyDataset
+from triplet.data.transforms import EvalTransform, TrainTransform
 
 
 @dataclass
@@ -52,11 +54,14 @@ class Options(DataOptions):
     crop_scale: float = field(default=0.08, metadata={
         "help": "smallest training crop, as a fraction of the image's area (RandomResizedCrop; torchvision's "
                 "default 0.08). Raise it (0.3-0.5) when the object is small or must stay whole"})
-    workers: int = field(default=-1, metadata={"role": "runtime", "help": "DataLoader workers (-1: 1 on CPU, up to 8 per GPU)"})
+    workers: int = field(default=-1, metadata={"role": "runtime",
+        "help": "DataLoader workers per process (-1: 1 on CPU; on a GPU, the cores this machine gives each process, less one)"})
     eval_batch_size: int = field(default=128, metadata={"role": "runtime", "help": "images per batch when embedding for validation"})
     device: str = field(default="auto", metadata={"role": "runtime", "choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
     precision: str = field(default="auto", metadata={"role": "runtime",
-        "choices": ["auto", "fp32", "bf16"], "help": "auto: bf16 autocast on CUDA and AVX-512-bf16 CPUs, else fp32"})
+        "choices": ["auto", "fp32", "bf16", "fp16"],
+        "help": "auto: bf16 autocast where the hardware has native bf16 (recent CUDA GPUs, AVX-512-bf16/AMX/Arm-BF16 "
+                "CPUs), fp16 with loss scaling on older CUDA GPUs, else fp32; the choice and why go to config.json"})
     compile: bool = field(default=False, metadata={"role": "runtime", "help": "torch.compile the model (pays on GPUs; slower on small CPUs)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, triplets, batches and augmentation"})
     deterministic: bool = field(default=False, metadata={"help": "torch.use_deterministic_algorithms (CUDA users; CPU runs are already reproducible)"})
@@ -65,7 +70,8 @@ class Options(DataOptions):
     force: bool = field(default=False, metadata={"role": "runtime", "help":
         "replace the run RUN_DIR holds: once the new run is about to write, its files move to RUN_DIR/replaced-<time>/"})
     gpu_cache: bool = field(default=False, metadata={"role": "runtime",
-        "help": "decode the training images once and keep them (uint8) on the device; augment there (forces --workers 0)"})
+        "help": "decode the training images once, keep them (uint8) on the device and augment whole batches there "
+                "(training then needs no loader workers; validation keeps them)"})
     progress: bool = field(default=True, metadata={"role": "runtime", "help": "hide the per-epoch progress bar (for logs and CI)"})
 
     def __post_init__(self):
@@ -83,21 +89,18 @@ class Options(DataOptions):
 
 
 def make_train_loader(opts, paths, labels, device, workers):
-    transform = (CachedTrainTransform(paths, opts.image_size, device, opts.crop_scale) if opts.gpu_cache
-                 else TrainTransform(opts.image_size, opts.crop_scale))
-    if opts.mining == "none":
-        dataset = TripletCUBDataset(paths, labels, transform, seed=opts.seed)
-        sampler = None
-        if dist.is_distributed():
-            sampler = torch.utils.data.DistributedSampler(dataset, seed=opts.seed, drop_last=True)
-        loader = engine.make_loader(dataset, device, workers, batch_size=opts.batch_size, shuffle=True,
-                                    sampler=sampler, seed=opts.seed, drop_last=True, pin_memory=not opts.gpu_cache)
-        return loader, [dataset] + ([sampler] if sampler else [])
-    sampler = PKSampler(labels, opts.batch_size // opts.samples_per_class, opts.samples_per_class,
-                        seed=opts.seed, rank=dist.rank(), world_size=dist.world_size())
-    loader = engine.make_loader(ImageDataset(paths, labels, transform), device, workers,
-                                batch_sampler=sampler, seed=opts.seed, pin_memory=not opts.gpu_cache)
-    return loader, [sampler]
+    """Offline triplets or PK batches, planned per epoch by a sampler; returns the loader, the
+    sampler and the step that turns a batch into model input on the device."""
+    shard = {"seed": opts.seed, "rank": dist.rank(), "world_size": dist.world_size()}
+    sampler = (TripletBatchSampler(labels, opts.batch_size, **shard) if opts.mining == "none" else
+               PKSampler(labels, opts.batch_size // opts.samples_per_class, opts.samples_per_class, **shard))
+    if opts.gpu_cache:
+        dataset, prepare = KeyDataset(labels), GpuCache(paths, opts.image_size, device, opts.crop_scale, opts.progress)
+    else:
+        dataset, prepare = ImageDataset(paths, labels, TrainTransform(opts.image_size, opts.crop_scale)), engine.to_device
+    loader = engine.make_loader(dataset, device, workers, batch_sampler=sampler, seed=opts.seed,
+                                pin_memory=not opts.gpu_cache, persistent=True)
+    return loader, sampler, prepare
 
 
 def history_row(epoch, stats, val, lr, seconds):
@@ -117,15 +120,15 @@ def format_row(row, epochs, improved):
 
 
 def main(opts):
-    dist.init_distributed()
-    device = runtime.resolve_device(opts.device)
-    precision = runtime.resolve_precision(opts.precision, device)
+    device = runtime.resolve_device(opts.device)  # first: the DDP backend follows the device
+    dist.init_distributed(device)
+    precision, precision_reason = runtime.choose_precision(opts.precision, device)
     seed_everything(opts.seed, deterministic=opts.deterministic)
     if device.type == "cuda" and not opts.deterministic:
         torch.backends.cudnn.benchmark = True
     log = print if dist.is_main() else (lambda *a, **k: None)
     run_dir = Path(opts.out)
-    config = runs.make_config(opts, device, precision, dist.world_size())
+    config = runs.make_config(opts, device, precision, dist.world_size(), precision_reason)
     decision, lock = None, None
     if dist.is_main():  # only rank 0 locks and touches the folder; every rank then follows its decision
         try:
@@ -143,29 +146,29 @@ def main(opts):
     val_paths, val_labels = read_manifest(prepared, "val")
     check_triplet_ready(train_labels, f"training split of {prepared}")
     workers = runtime.default_workers(device) if opts.workers < 0 else opts.workers
-    workers = 0 if opts.gpu_cache else workers
-    train_loader, epoch_aware = make_train_loader(opts, train_paths, train_labels, device, workers)
+    train_loader, sampler, prepare = make_train_loader(opts, train_paths, train_labels, device,
+                                                       0 if opts.gpu_cache else workers)
     if len(train_loader) == 0:
         raise UserError(f"--batch-size {opts.batch_size}: larger than the {len(train_paths)} training "
                              f"images of {prepared} allow for one step")
     val_set = ImageDataset(val_paths, val_labels, EvalTransform(opts.image_size))
-    miner = None if opts.mining == "none" else get_miner(opts.mining, opts.margin)
+    miner = get_miner(opts.mining, opts.margin)
 
-    model = build_model(opts.backbone, opts.embedding_dim, opts.weights, opts.image_size)
+    model = build_seeded_model(opts.seed, opts.backbone, opts.embedding_dim, opts.weights, opts.image_size)
     model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim, "image_size": opts.image_size}
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    checkpoint = load_checkpoint(resume_from, REQUIRED_KEYS + RESUME_KEYS) if resume_from else None
+    scaler = runtime.grad_scaler(device, precision)
+    optimizer = prepare_training(model, device, opts.lr, opts.weight_decay, checkpoint, resume_from, scaler)
     start_epoch, best_metric, history = 0, float("-inf"), []
-    if resume_from:
-        checkpoint = load_checkpoint(resume_from, REQUIRED_KEYS + RESUME_KEYS)
-        load_model_state(model, checkpoint["model"], resume_from)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint:
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
-        log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
     if start_epoch >= opts.epochs:
         log(f"{run_dir}: already trained for {plural(start_epoch, 'epoch')}; nothing to do")
         return
-    model.to(device, memory_format=torch.channels_last)
+    if checkpoint:
+        check_world_size(checkpoint, dist.world_size(), resume_from)
+        log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
     net = model
     if dist.is_distributed():
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -176,7 +179,7 @@ def main(opts):
         if opts.force:
             runs.set_aside_old_run(run_dir, log)
         runs.write_config(run_dir, config)
-    log(f"training {opts.backbone} on {device} ({precision}), {len(train_paths)} train / {len(val_paths)} val "
+    log(f"training {opts.backbone} on {device} ({precision}: {precision_reason}), {len(train_paths)} train / {len(val_paths)} val "
         f"images, {len(train_loader)} steps per epoch, mining={opts.mining}, workers={workers}")
 
     def validate():
@@ -193,15 +196,13 @@ def main(opts):
     for epoch in range(start_epoch, opts.epochs):
         # Everything random in an epoch is a function of (seed, epoch): a resumed run repeats it.
         torch.manual_seed(opts.seed * 1000 + epoch)
-        train_loader.generator.manual_seed(opts.seed * 1000 + epoch)
-        for item in epoch_aware:
-            item.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         lr = opts.lr * 0.5 * (1 + math.cos(math.pi * epoch / opts.epochs)) if opts.scheduler == "cosine" else opts.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
         stats = engine.train_one_epoch(net, train_loader, optimizer, device, precision, opts.margin, miner,
-                                       epoch, opts.progress)
+                                       epoch, opts.progress, scaler, prepare)
         val = validate()
         row = history_row(epoch + 1, stats, val, lr, time.perf_counter() - start)
         history.append(row)
@@ -211,7 +212,7 @@ def main(opts):
             best_metric = max(best_metric, metric)
             checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                           "best_metric": best_metric, "model_args": model_args, "config": config,
-                          "history": history, "rng": torch.get_rng_state()}
+                          "history": history, **({"scaler": scaler.state_dict()} if scaler else {})}
             if improved:
                 save_checkpoint(run_dir / "checkpoint_best.pt", checkpoint)
             save_checkpoint(run_dir / "checkpoint_last.pt", checkpoint)

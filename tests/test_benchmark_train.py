@@ -36,9 +36,12 @@ def test_benchmark_train_tiny(tmp_path):
     assert shares["convolution"] > 0 and shares["batch_norm"] > 0 and sum(shares.values()) == pytest.approx(1, abs=0.01)
     assert r["profile"]["conv_gflops"] > 0 and any("conv" in name for name, _ in r["profile"]["top_ops_s"])
     assert r["embedding"]["images_per_s"] > 0 and r["embedding"]["images"] >= 2 * 4
+    assert report["data_path"]["images_per_s_per_worker"] > 0 and report["data_path"]["images"] == 2 * 3 * 4
+    assert suite["images_per_s"] == pytest.approx(3 * suite["triplets_per_s"], rel=0.01)
+    assert report["machine"]["precision_reason"]
     table = out.with_suffix(".md").read_text()
     assert "| resnet18 | reference |" in table and "| resnet18 | suite |" in table
-    assert "Where one suite step's time goes" in table
+    assert "Where one suite step's time goes" in table and "images/s per worker" in table
     assert f"{r['ratio']:.2f}x" in result.stdout
     assert (tmp_path / "work" / "synthetic-4x4-64px" / "CUB_200_2011").is_dir()  # --workdir is kept
 
@@ -54,6 +57,7 @@ def test_bad_options_are_one_line_errors():
     with pytest.raises(UserError, match="--also-compile: needs --warmup >= 1"):
         parse(script.Options, ["--also-compile", "--warmup", "0"])
     assert parse(script.Options, [])[0].backbones == ["resnet18", "resnet34"]
+    assert (parse(script.Options, [])[0].steps, parse(script.Options, [])[0].warmup) == (-1, -1)  # by device
 
 
 def test_timed_batches_times_only_the_steps_after_warmup():
@@ -62,6 +66,22 @@ def test_timed_batches_times_only_the_steps_after_warmup():
         seen.append(batch)
     assert seen == [0, 1, 2, 3, 4]
     assert len(seconds) == 1 and seconds[0] >= 0
+
+
+class Loader:
+    """Stands in for a DataLoader whose 2 workers hold 3 batches each ahead."""
+    num_workers, prefetch_factor = 2, 3
+
+    def __iter__(self):
+        return iter(range(100))
+
+
+def test_timed_batches_drain_the_prefetched_batches_before_the_clock_starts():
+    seconds, seen = [], []
+    for batch in timed_batches(Loader(), warmup=2, steps=3, device=torch.device("cpu"), seconds=seconds):
+        seen.append(batch)
+    assert seen == [0, 1, 8, 9, 10]  # batches 2-7 were ready before the clock: taken, not timed
+    assert len(seconds) == 1
 
 
 def test_flops_scale_with_pixels_and_count_nine_forwards_per_triplet():

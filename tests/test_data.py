@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from triplet.data.datasets import ImageDataset, PKSampler, TripletCUBDataset, draw_triplets, fixed_triplets
+from triplet.data.datasets import ImageDataset, draw_triplets, fixed_triplets
+from triplet.data.samplers import PKSampler, TripletBatchSampler
 from triplet.errors import UserError
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
 from triplet.data.transforms import EvalTransform, TrainTransform, load_image, resize_size_for
@@ -32,38 +33,69 @@ def test_draws_are_deterministic_by_seed_and_vary_by_epoch():
     assert all((x == y).all() for x, y in zip(fixed_triplets(labels, 5), fixed_triplets(labels, 5)))
 
 
-def test_triplet_dataset_items_and_fixed_mode(synthetic_root):
+def indices(sampler):
+    return [[i for i, _ in batch] for batch in sampler]
+
+
+def test_triplet_batches_are_anchors_positives_negatives_of_one_epoch_draw():
+    labels = np.array(LABELS)
+    sampler = TripletBatchSampler(labels, batch_size=5, seed=3)
+    batches = indices(sampler)
+    assert len(sampler) == len(batches) == len(labels) // 5
+    anchors = []
+    for batch in batches:
+        a, p, n = np.array(batch).reshape(3, 5)
+        assert (labels[p] == labels[a]).all() and (p != a).all() and (labels[n] != labels[a]).all()
+        anchors += a.tolist()
+    assert len(set(anchors)) == len(anchors) == 15  # every anchor at most once; the partial batch dropped
+    seeds = [s for batch in sampler for _, s in batch]
+    assert len(set(seeds)) == len(seeds)  # every image its own augmentation stream
+
+
+def test_sampler_plans_are_pure_functions_of_seed_and_epoch_and_shard_by_rank():
+    labels = np.array(LABELS * 4)
+    first, again = TripletBatchSampler(labels, 4, seed=1), TripletBatchSampler(labels, 4, seed=1)
+    again.set_epoch(3)
+    again.set_epoch(0)  # a resumed run that sets epoch 0 again draws what the first run drew
+    assert list(first) == list(again)
+    again.set_epoch(1)
+    assert indices(first) != indices(again)
+    ranks = [TripletBatchSampler(labels, 4, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(first) // 2
+    # rank r takes every second batch of the one plan, augmentation seeds included
+    assert [b for pair in zip(ranks[0], ranks[1]) for b in pair] == first.batches[:2 * len(ranks[0])]
+
+
+def test_a_seeded_key_gives_the_same_augmentation_anywhere_and_leaves_the_caller_rng_alone(synthetic_root):
     paths, labels = read_manifest(prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=48)), "train")
-    dataset = TripletCUBDataset(paths, labels, EvalTransform(32), seed=0, fixed=True)
-    anchor, positive, negative, item_labels = dataset[3]
-    assert anchor.shape == positive.shape == negative.shape == (3, 32, 32)
-    assert item_labels[0] == item_labels[1] == labels[3] and item_labels[2] != labels[3]
-    before = [t.copy() for t in dataset.triplets]
-    dataset.set_epoch(5)  # fixed: evaluation triplets never change
-    assert all((x == y).all() for x, y in zip(before, dataset.triplets))
-    moving = TripletCUBDataset(paths, labels, EvalTransform(32), seed=0)
-    drawn = [t.copy() for t in moving.triplets]
-    moving.set_epoch(1)
-    assert any((x != y).any() for x, y in zip(drawn[1:], moving.triplets[1:]))
+    dataset = ImageDataset(paths, labels, TrainTransform(32))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first, label = dataset[(3, 12345)]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(99)
+    assert torch.equal(dataset[(3, 12345)][0], first) and label == labels[3]
+    assert not torch.equal(dataset[(3, 54321)][0], first)
+    assert first.dtype == torch.uint8 and first.shape == (3, 32, 32)  # normalised on the device
 
 
 def test_a_class_with_one_image_is_refused():
     with pytest.raises(UserError, match="class 9 with a single image"):
-        TripletCUBDataset(["x"] * 4, [1, 1, 1, 9], transform=None)
+        TripletBatchSampler([1, 1, 1, 9], batch_size=2)
 
 
 def test_pk_sampler_batches_hold_p_classes_of_k_images():
     labels = [c for c in range(10) for _ in range(8 + c)]  # uneven classes, 125 images
     sampler = PKSampler(labels, p=4, k=3, seed=0)
     seen = Counter()
-    for batch in sampler:
+    for batch in indices(sampler):
         classes = Counter(labels[i] for i in batch)
         assert len(batch) == 12 and len(classes) == 4 and set(classes.values()) == {3}
         for c in classes:  # no image twice within a class group unless the class is too small
             members = [i for i in batch if labels[i] == c]
             assert len(set(members)) == 3
         seen.update(batch)
-    assert len(sampler) == len(list(sampler))
+    assert len(sampler) == len(list(sampler)) and all(isinstance(s, int) for _, s in sampler.batches[0])
     assert len(seen) / len(labels) > 0.85  # about one pass over the data
     assert max(seen.values()) <= 2
 
@@ -76,12 +108,12 @@ def test_pk_sampler_is_deterministic_and_shards_by_rank():
     assert list(a) != list(b)
     ranks = [PKSampler(labels, 4, 2, seed=1, rank=r, world_size=2) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(b) // 2
-    assert not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1]))
+    assert not set(map(tuple, indices(ranks[0]))) & set(map(tuple, indices(ranks[1])))
 
 
 def test_pk_sampler_tops_up_classes_smaller_than_k():
     labels = [0, 0, 1, 1, 1, 2, 2]
-    batches = list(PKSampler(labels, p=2, k=4, seed=0))
+    batches = indices(PKSampler(labels, p=2, k=4, seed=0))
     assert batches and all(len(b) == 8 for b in batches)
 
 

@@ -92,8 +92,29 @@ def test_help_lists_every_target():
     result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "RESULTS=results" in result.stdout
     for target in ["setup", "test", "data", "exp1", "exp7", "all", "baseline", "report", "export", "bench",
-                   "bench-train", "demo", "readme", "custom"]:
+                   "bench-train", "gpu-check", "demo", "demo-study", "readme", "custom"]:
         assert re.search(rf"^\s+{re.escape(target)}\s", result.stdout, re.M), target
+
+
+def test_demo_baseline_is_the_runs_own_start_and_the_table_comes_from_the_run(tmp_path):
+    lines = dry_run("demo", "DEMO_SEED=2", tmp_path=tmp_path).replace("\\\n", " ").splitlines()
+    train = next(line for line in lines if "scripts/train.py" in line)
+    run_dir = f"{tmp_path}/results/demo-resnet18"
+    assert option(train, "seed") == "2" and option(train, "out") == run_dir
+    assert option(train, "weights") == "none" and option(train, "mining") == "semihard"
+    assert any(line.endswith(f"scripts/evaluate.py --run {run_dir} --checkpoint none") for line in lines)
+    assert f"scripts/report.py --demo-table {run_dir}" in " ".join(lines)
+    prepare = next(line for line in lines if "--synthetic" in line)
+    assert int(option(prepare, "per-class")) * 0.5 * float(option(train, "val-fraction")) >= 15  # val per class
+
+
+def test_demo_study_runs_the_studys_recipe_on_the_demo_set(tmp_path):
+    demo, study = (next(line for line in dry_run(target, tmp_path=tmp_path).replace("\\\n", " ").splitlines()
+                        if "scripts/train.py" in line) for target in ("demo", "demo-study"))
+    for same in ("data-dir", "resize", "val-fraction", "image-size", "weights", "epochs", "seed"):
+        assert option(study, same) == option(demo, same), same
+    assert option(study, "mining") == "none" and float(option(study, "margin")) == 1.0
+    assert (float(option(study, "lr")), int(option(study, "batch-size"))) == STUDY["exp1"][1:]
 
 
 @pytest.mark.parametrize("images, source", [("my_photos/", "--image-folder"), ("shop.csv", "--manifest")])
@@ -109,3 +130,4 @@ def test_custom_runs_the_whole_chain_on_your_own_images(images, source, tmp_path
     assert option(chain[1], "out") == f"{tmp_path}/results/{name}-resnet50"
     assert option(chain[5], "out") == f"exports/{name}-resnet50.onnx" and "--int8" in chain[5]
     assert "scripts/search.py --model exports/" in output
+

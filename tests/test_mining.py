@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from triplet.losses import triplet_loss
-from triplet.mining import MINER_NAMES, all_triplets, batch_hard, distance_matrix, get_miner, semihard
+from triplet.mining import MINER_NAMES, batch_hard, distance_matrix, get_miner, packaged_triplets, semihard
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ONLINE = [name for name in MINER_NAMES if name != "none"]
 
 
 def batch(n=24, dim=5, classes=4, seed=0, integer=False):
@@ -34,15 +35,13 @@ def check_dtypes(triplets, device):
         assert t.dtype == torch.int64 and t.dim() == 1 and t.device.type == device
 
 
-def test_all_triplets_hand_case():
-    # labels 0 0 1: anchors 0 and 1 each have one positive and one negative; 2 has no positive.
-    assert as_list(all_triplets(torch.tensor([0, 0, 1]))) == [(0, 1, 2), (1, 0, 2)]
-    assert as_list(all_triplets([5])) == []
-
-
-def test_all_triplets_matches_brute_force():
-    _, labels = batch()
-    assert as_list(all_triplets(labels)) == brute_triplets(labels)
+def test_packaged_triplets_are_the_thirds_of_the_batch():
+    x = torch.randn(6, 2, requires_grad=True)
+    assert as_list(packaged_triplets(x)) == [(0, 2, 4), (1, 3, 5)]
+    assert as_list(get_miner("none")(x, torch.tensor([9, 9, 9, 9, 9, 9]))) == [(0, 2, 4), (1, 3, 5)]
+    check_dtypes(packaged_triplets(x), "cpu")
+    with pytest.raises(ValueError, match="3B embeddings, got 5"):
+        packaged_triplets(x[:5])
 
 
 @pytest.mark.parametrize("integer", [False, True])
@@ -93,7 +92,7 @@ def test_semihard_hand_case():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", MINER_NAMES)
+@pytest.mark.parametrize("name", ONLINE)
 def test_miners_return_int64_indices_without_grad(name, device):
     x, labels = batch()
     x = x.to(device).requires_grad_()
@@ -107,7 +106,7 @@ def test_miners_return_int64_indices_without_grad(name, device):
 
 def test_miners_on_a_batch_with_one_class_return_nothing():
     x, labels = torch.randn(6, 3), torch.zeros(6, dtype=torch.int64)
-    for name in MINER_NAMES:
+    for name in ONLINE:
         triplets = get_miner(name)(x, labels)
         check_dtypes(triplets, "cpu")
         assert all(len(t) == 0 for t in triplets)
@@ -122,13 +121,13 @@ def test_unknown_miner_is_a_clear_error():
 def test_triplet_loss_matches_brute_force(margin):
     x, labels = batch()
     x.requires_grad_()
-    a, p, n = all_triplets(labels)
+    a, p, n = (torch.tensor(t) for t in zip(*brute_triplets(labels)))
     loss, active = triplet_loss(x, a, p, n, margin=margin)
     xd = x.detach().double()
     per = [max(float((xd[i] - xd[j] + 1e-6).norm() - (xd[i] - xd[k] + 1e-6).norm()) + margin, 0)
            for i, j, k in zip(a.tolist(), p.tolist(), n.tolist())]
     assert loss.item() == pytest.approx(sum(per) / len(per), rel=1e-5)
-    assert active == sum(v > 0 for v in per) and type(active) is int
+    assert active.item() == sum(v > 0 for v in per) and active.dtype == torch.int64 and active.dim() == 0
     expected = F.triplet_margin_loss(x[a], x[p], x[n], margin=margin)
     assert torch.allclose(loss, expected)
     loss.backward()
@@ -140,13 +139,13 @@ def test_triplet_loss_hand_case():
     idx = [torch.tensor([0, 0]), torch.tensor([1, 2]), torch.tensor([2, 1])]
     # (0,1,2): 5 - 10 + 1 -> 0; (0,2,1): 10 - 5 + 1 = 6. Mean 3, one active (eps is negligible).
     loss, active = triplet_loss(x, *idx, margin=1.0)
-    assert loss.item() == pytest.approx(3.0, abs=1e-4) and active == 1
+    assert loss.item() == pytest.approx(3.0, abs=1e-4) and active.item() == 1
 
 
 def test_triplet_loss_without_triplets_is_zero_and_in_the_graph():
     x = torch.randn(4, 3, requires_grad=True)
     empty = torch.empty(0, dtype=torch.int64)
     loss, active = triplet_loss(x, empty, empty, empty)
-    assert loss.item() == 0.0 and active == 0 and loss.requires_grad
+    assert loss.item() == 0.0 and active.item() == 0 and loss.requires_grad
     loss.backward()
     assert torch.equal(x.grad, torch.zeros_like(x))

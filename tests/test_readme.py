@@ -12,7 +12,7 @@ from tests.conftest import ROOT, call_script
 from triplet.fileio import write_text
 
 SCRIPTS = ["prepare_data", "train", "evaluate", "plot_embeddings", "report", "export_onnx", "search",
-           "benchmark_train", "benchmark_onnx"]
+           "benchmark_train", "benchmark_onnx", "gpu_check"]
 REFERENCE = ROOT / "docs" / "scripts.md"
 HEADER = ("# Script reference\n\nEvery option of every script, with its default, from `--help` "
           "(`make readme` rewrites this file; a test checks it):\n\n")

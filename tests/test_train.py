@@ -15,6 +15,7 @@ import torch
 from tests.conftest import ROOT, call_script, run_script
 from triplet.checkpoint import load_checkpoint, model_from_checkpoint
 from triplet.engine import NonFiniteLoss, embed, make_loader, train_one_epoch
+from triplet.mining import packaged_triplets
 from triplet.runtime import compile_model
 from triplet.errors import UserError
 from triplet.fileio import write_json
@@ -82,7 +83,7 @@ def test_run_folder_and_checkpoint_round_trip(tiny_run):
     from triplet.data.transforms import EvalTransform
     loader = make_loader(ImageDataset(saved["paths"][:8], saved["labels"][:8], EvalTransform(32)),
                          torch.device("cpu"), 0, batch_size=8)
-    embeddings, labels = embed(model, loader, torch.device("cpu"), "fp32")
+    embeddings, labels = embed(model, loader, torch.device("cpu"), metrics_of(tiny_run)["precision"])
     assert np.allclose(embeddings, saved["embeddings"][:8], atol=1e-5)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
 
@@ -205,11 +206,11 @@ def test_non_finite_loss_names_epoch_and_step():
         def forward(self, images):
             return images.flatten(1)[:, :4] * self.weight * float("nan")
 
-    batch = (torch.ones(2, 3, 4, 4), torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4), torch.zeros(2, 3))
+    batch = (torch.ones(6, 3, 4, 4), torch.zeros(6))
     model = Broken()
-    with pytest.raises(NonFiniteLoss, match="epoch 3, step 1"):
+    with pytest.raises(NonFiniteLoss, match="epoch 3, step 1;"):
         train_one_epoch(model, [batch], torch.optim.Adam(model.parameters()), torch.device("cpu"), "fp32", 1.0,
-                        epoch=2, progress=False)
+                        packaged_triplets, epoch=2, progress=False)
 
 
 def test_compiled_training_step_matches_eager_with_one_compile_thread_on_cpu(monkeypatch):
@@ -221,10 +222,10 @@ def test_compiled_training_step_matches_eager_with_one_compile_thread_on_cpu(mon
     twin = copy.deepcopy(eager)
     compiled = compile_model(twin, torch.device("cpu"))
     assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
-    anchors, positives, negatives = torch.randn(3, 4, 3, 8, 8).unbind()
-    batch = [(anchors, positives, negatives, torch.zeros(4))]
+    batch = [(torch.randn(12, 3, 8, 8), torch.zeros(12))]  # 4 triplets: [anchors, positives, negatives]
     losses = [train_one_epoch(model, batch, torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"),
-                              "fp32", 1.0, progress=False)["train_loss"] for model in (eager, compiled)]
+                              "fp32", 1.0, packaged_triplets, progress=False)["train_loss"]
+              for model in (eager, compiled)]
     assert losses[0] > 0 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     for p_eager, p_compiled in zip(eager.parameters(), twin.parameters()):  # same step, same update
         torch.testing.assert_close(p_compiled, p_eager, rtol=1e-4, atol=1e-5)

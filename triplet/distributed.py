@@ -25,17 +25,27 @@ def local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_world_size():
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE): they share its GPUs and cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def is_main():
     return rank() == 0
 
 
-def init_distributed():
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+def backend_for(device):
+    """NCCL for CUDA devices, gloo for everything else (a CPU run on a GPU machine included)."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device):
+    """Join the process group when launched by torchrun, with the backend of the resolved device."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or is_distributed():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend_for(device)
     if backend == "nccl":
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(device)
     td.init_process_group(backend)
     return True
 

@@ -1,11 +1,15 @@
-"""The training step, embedding and evaluation: device, precision and loaders chosen once here.
+"""The training step, embedding and evaluation over the loaders built here.
 
-On CUDA and on CPUs with native bf16 (AVX-512 bf16 or AMX), bf16 autocast with channels_last
-is the default (``--precision auto``; reported at 2.7x the fp32 training throughput on a 2-core
-AVX-512-bf16 EPYC). On CPUs without it (AVX2 only), bf16 is emulated and 2.6-9x *slower*
-than fp32, so auto keeps fp32 there.
+Every training step is embed -> mine -> loss: offline triplets arrive as one batch of
+[anchors, positives, negatives] mined by ``packaged_triplets``, PK batches by an online miner.
+One forward over the whole batch, not three: BatchNorm then normalises anchors, positives and
+negatives with the same batch statistics (as in PK batches) and updates its running statistics
+once per step.
+Images travel from the workers as uint8 and become normalised channels_last floats on the
+device (``to_device``), a quarter of the bytes a float32 batch would pin and copy.
 """
 import random
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -13,10 +17,14 @@ from torch.utils.data import DataLoader, Subset
 
 from triplet import distributed as dist
 from triplet.data.datasets import fixed_triplets
+from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from triplet.errors import UserError
-from triplet.runtime import autocast
 from triplet.losses import triplet_loss
 from triplet.metrics import retrieval_metrics, triplet_metrics
+from triplet.runtime import autocast
+
+# Steps between the host's looks at the running loss: in between it only queues work.
+SYNC_EVERY = 50
 
 
 def _seed_worker(worker_id):
@@ -25,67 +33,90 @@ def _seed_worker(worker_id):
     random.seed(seed)
 
 
-def make_loader(dataset, device, workers, batch_size=None, batch_sampler=None, shuffle=False,
-                sampler=None, seed=0, drop_last=False, pin_memory=True):
+def make_loader(dataset, device, workers, batch_size=None, batch_sampler=None, seed=0, pin_memory=True,
+                persistent=False):
+    """A DataLoader as every script uses it; ``persistent`` keeps the workers between epochs
+    (training: its sampler plans each epoch in the main process)."""
     generator = torch.Generator().manual_seed(seed)
-    batching = ({"batch_sampler": batch_sampler} if batch_sampler is not None else
-                {"batch_size": batch_size, "shuffle": shuffle and sampler is None, "sampler": sampler,
-                 "drop_last": drop_last})
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
     return DataLoader(dataset, **batching, num_workers=workers, pin_memory=pin_memory and device.type == "cuda",
-                      prefetch_factor=4 if workers > 0 else None, worker_init_fn=_seed_worker,
-                      generator=generator)
+                      prefetch_factor=4 if workers > 0 else None, persistent_workers=persistent and workers > 0,
+                      worker_init_fn=_seed_worker, generator=generator)
+
+
+@lru_cache(maxsize=None)
+def _normalisation(device):
+    """ImageNet mean and std as device tensors, made once: a list turned into a CUDA tensor on
+    every step would be a host-to-device copy that waits for the queue."""
+    shape = (1, 3, 1, 1)
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(shape),
+            torch.tensor(IMAGENET_STD, device=device).view(shape))
 
 
 def to_device(images, device):
-    return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    """A batch on ``device`` in channels_last; uint8 (training) is normalised there, as
+    transforms v2's ToDtype(scale=True) + Normalize would (the same operations, bit for bit)."""
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = _normalisation(device)
+    return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
 class NonFiniteLoss(UserError):
     pass
 
 
-def train_one_epoch(model, loader, optimizer, device, precision, margin, miner=None, epoch=0,
-                    progress=True):
+def _check_finite(losses, first_step, epoch):
+    """Raise naming the first non-finite loss among ``losses`` (device scalars; one host sync)."""
+    values = torch.stack(losses).cpu()
+    bad = torch.nonzero(~torch.isfinite(values)).flatten()
+    if len(bad):
+        step = first_step + int(bad[0])
+        raise NonFiniteLoss(f"the loss became {values[bad[0]].item()} at epoch {epoch + 1}, step {step + 1}; "
+                            f"lower --lr. checkpoint_last.pt still holds the last good epoch")
+    return float(values.sum())
+
+
+def train_one_epoch(model, loader, optimizer, device, precision, margin, miner, epoch=0, progress=True,
+                    scaler=None, prepare=to_device, sync_every=SYNC_EVERY):
     """One pass; returns mean loss and mean active (non-zero-loss) triplets per step.
 
-    Offline triplets run one forward over the concatenated anchor/positive/negative batch rather
-    than three: BatchNorm then normalises all three with the same batch statistics (as in the
-    PK-batch path, where anchors, positives and negatives share one batch) and its running
-    statistics are updated once per step, not three times. That is the reason; speed is not:
-    on the 2-core AVX2 CPU three forwards of 32 were 4 % faster than one of 96 (8.30 against
-    8.67 s per ResNet18 step, channels_last, steps interleaved), and a GPU prefers one batch.
+    ``prepare(images, device)`` turns a loader batch into the model's input (``to_device``, or
+    the ``--gpu-cache`` augmenter). The host waits for the device only every ``sync_every`` steps
+    and at the end, where it checks the losses since the last look: a non-finite loss stops the
+    run naming its epoch and step. ``scaler``: fp16's GradScaler (None: no scaling).
     """
     from tqdm import tqdm
 
     model.train()
-    total_loss, total_active, steps = 0.0, 0, 0
+    pending, first_pending = [], 0
+    total_loss, total_active, steps = 0.0, torch.zeros((), dtype=torch.int64, device=device), 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and dist.is_main()),
                dynamic_ncols=True)
-    for step, batch in enumerate(bar):
-        if miner is None:
-            anchors, positives, negatives, _ = batch
-            images = to_device(torch.cat([anchors, positives, negatives]), device)
-            n = len(anchors)
-            a = torch.arange(n, device=device)
-            p, neg = a + n, a + 2 * n
-        else:
-            images, labels = batch
-            images = to_device(images, device)
+    for step, (images, labels) in enumerate(bar):
+        images = prepare(images, device)
         with autocast(device, precision):
             embeddings = model(images).float()
-        if miner is not None:
-            a, p, neg = miner(embeddings.detach(), labels.to(device))
-        loss, active = triplet_loss(embeddings, a, p, neg, margin)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                                f"lower --lr. checkpoint_last.pt still holds the last good epoch")
+        a, p, n = miner(embeddings.detach(), labels.to(device, non_blocking=True))
+        loss, active = triplet_loss(embeddings, a, p, n, margin)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        pending.append(loss.detach())
         total_active += active
         steps += 1
-        bar.set_postfix(loss=f"{total_loss / steps:.4f}", active=active)
+        if len(pending) == sync_every:
+            total_loss += _check_finite(pending, first_pending, epoch)
+            pending, first_pending = [], step + 1
+            bar.set_postfix(loss=f"{total_loss / steps:.4f}")
+    if pending:
+        total_loss += _check_finite(pending, first_pending, epoch)
     totals = dist.all_reduce_sum([total_loss, float(total_active), float(steps)])
     return {"train_loss": totals[0] / max(totals[2], 1), "active_triplets": totals[1] / max(totals[2], 1)}
 

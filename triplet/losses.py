@@ -5,17 +5,19 @@ rows from the embeddings and applies ``F.triplet_margin_loss`` (Euclidean, eps=1
 gradient flows only through the chosen rows. The count of active triplets (positive loss) is
 returned as well, because a falling count is the clearest sign that mining has run dry.
 """
+import torch
 import torch.nn.functional as F
 
 
 def triplet_loss(embeddings, anchor, positive, negative, margin=1.0):
     """Mean of relu(d(a,p) - d(a,n) + margin) over the triplets, and how many are active.
 
-    With no triplets the loss is ``embeddings.sum() * 0``: zero, but still in the graph, so
-    ``backward()`` and DDP gradient sync work unchanged.
+    The count is a 0-d int64 tensor on the embeddings' device, so the training loop can add it
+    up without waiting for the device. With no triplets the loss is ``embeddings.sum() * 0``:
+    zero, but still in the graph, so ``backward()`` and DDP gradient sync work unchanged.
     """
     if anchor.numel() == 0:
-        return embeddings.sum() * 0, 0
+        return embeddings.sum() * 0, torch.zeros((), dtype=torch.int64, device=embeddings.device)
     per_triplet = F.triplet_margin_loss(embeddings[anchor], embeddings[positive],
                                         embeddings[negative], margin=margin, reduction="none")
-    return per_triplet.mean(), int((per_triplet > 0).sum())
+    return per_triplet.mean(), (per_triplet > 0).sum()

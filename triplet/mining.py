@@ -27,13 +27,15 @@ def _empty(device):
     return e, e.clone(), e.clone()
 
 
-@torch.no_grad()
-def all_triplets(labels, device=None):
-    """Every (a, p, n) with label[a] == label[p], a != p, label[n] != label[a]; a-p-n order."""
-    device = device or (labels.device if isinstance(labels, torch.Tensor) else "cpu")
-    pos, neg = _masks(labels, device)
-    a, p, n = torch.nonzero(pos[:, :, None] & neg[:, None, :], as_tuple=True)
-    return a, p, n
+def packaged_triplets(embeddings, labels=None):
+    """Offline triplets, already packaged by the sampler: a batch of 3B is [anchors, positives,
+    negatives], so triplet i is (i, B + i, 2B + i) (pytorch-metric-learning's
+    ``EmbeddingsAlreadyPackagedAsTriplets``). Needs no labels and never waits for the device."""
+    count = len(embeddings)
+    if count % 3:
+        raise ValueError(f"packaged triplets need a batch of 3B embeddings, got {count}")
+    a = torch.arange(count // 3, device=embeddings.device)
+    return a, a + count // 3, a + 2 * (count // 3)
 
 
 @torch.no_grad()
@@ -67,15 +69,16 @@ def semihard(embeddings, labels, margin=1.0, dist=None):
     return a[pair], p[pair], n
 
 
-MINER_NAMES = ("hard", "semihard", "all")
+MINER_NAMES = ("none", "semihard", "hard")
 
 
 def get_miner(name, margin=1.0):
-    """A callable ``(embeddings, labels) -> (a, p, n)`` for "hard", "semihard" or "all"."""
+    """The ``(embeddings, labels) -> (a, p, n)`` callable of a ``--mining`` choice: "none" (the
+    study's offline triplets, packaged by the sampler), "semihard" or "hard" (in PK batches)."""
+    if name == "none":
+        return packaged_triplets
     if name == "hard":
         return batch_hard
     if name == "semihard":
         return lambda embeddings, labels: semihard(embeddings, labels, margin)
-    if name == "all":
-        return lambda embeddings, labels: all_triplets(labels, embeddings.device)
     raise ValueError(f"unknown miner {name!r}; choose one of {', '.join(MINER_NAMES)}")

@@ -67,7 +67,8 @@ class EmbeddingNet(nn.Module):
         self.head = nn.Linear(features, embedding_dim)
 
     def forward(self, images):
-        return F.normalize(self.head(self.trunk(images)), dim=1)
+        # Normalised in float32 even under bf16/fp16 autocast: unit length to 1e-6, not 1e-3.
+        return F.normalize(self.head(self.trunk(images)).float(), dim=1)
 
 
 def imagenet_state_dict(backbone):
@@ -118,3 +119,15 @@ def build_model(backbone="resnet18", embedding_dim=128, weights="none", image_si
                         f"({len(missing)} missing keys, {len(unexpected)} unexpected, e.g. "
                         f"{(missing or unexpected)[0]})")
     return model
+
+
+def build_seeded_model(seed, *args, **kwargs):
+    """``build_model(*args, **kwargs)`` with its random initialisation drawn from ``seed`` alone.
+
+    train.py starts from this model and ``evaluate.py --checkpoint none`` rebuilds it from the
+    run's seed, so the untrained baseline is exactly the training's starting point whatever ran
+    before; the caller's torch random state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(*args, **kwargs)

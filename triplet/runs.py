@@ -47,12 +47,12 @@ LOCK_FILE = ".lock"
 NUMERIC_METRICS = ("precision_at_1", "epoch", "num_images", "num_classes")  # what ranking and reports rely on
 
 
-def make_config(options, device, precision, world_size=1):
+def make_config(options, device, precision, world_size=1, precision_reason=None):
     from triplet.runtime import environment  # here: reports read run folders without torch
 
     roles = {f.name: f.metadata["role"] for f in dataclasses.fields(options) if "role" in f.metadata}
     return {"options": dataclasses.asdict(options), "option_roles": roles,
-            "environment": environment(device, precision, world_size)}
+            "environment": environment(device, precision, world_size, precision_reason)}
 
 
 def option_defaults(options):

@@ -14,38 +14,92 @@ from triplet.errors import UserError
 
 
 def resolve_device(name="auto"):
+    """The device this process computes on; under torchrun, CUDA device LOCAL_RANK.
+
+    Resolved before the process group exists, because the DDP backend follows from it.
+    """
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
+    elif name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available; use --device auto or cpu")
-    return torch.device("cuda", dist.local_rank()) if name == "cuda" else torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    processes, gpus = dist.local_world_size(), torch.cuda.device_count()
+    if processes > gpus:
+        raise UserError(f"torchrun starts {processes} processes on this machine but {gpus} CUDA device(s) are "
+                        f"visible; use --nproc_per_node {gpus} (one process per GPU), or --device cpu")
+    return torch.device("cuda", dist.local_rank())
+
+
+def cpu_bf16_decision(capabilities, onednn_bf16=True):
+    """(native, reason): whether this CPU computes bf16 natively, from ``torch.cpu.get_capabilities()``.
+
+    x86: AVX-512-bf16 or AMX-bf16; Arm: the BF16 extension (Graviton3, Neoverse V1/N2). Without
+    them oneDNN emulates bf16 through fp32 conversions, slower than fp32 itself.
+    """
+    features = [name for name in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16") if capabilities.get(name)]
+    if features and not onednn_bf16:
+        return False, f"the CPU has {'+'.join(features)} but oneDNN reports no bf16 support"
+    if features:
+        return True, f"the CPU has native bf16 ({'+'.join(features)})"
+    return False, "the CPU has no native bf16 (no AVX-512-bf16, AMX or Arm BF16): bf16 would be emulated"
+
+
+def cpu_bf16_reason():
+    """(native, reason) for this CPU, through the APIs the pinned torch has."""
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return cpu_bf16_decision(torch.cpu.get_capabilities(), onednn)
 
 
 def cpu_has_bf16():
-    """AVX-512 bf16 (or AMX): where bf16 autocast is faster than fp32 on a CPU."""
-    try:
-        return bool(torch._C._cpu._is_avx512_bf16_supported() or torch._C._cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
+    """Native bf16 on this CPU: where bf16 autocast is faster than fp32."""
+    return cpu_bf16_reason()[0]
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def choose_precision(precision, device):
+    """(precision, reason) for ``--precision``: auto takes bf16 only where the hardware computes it
+    natively, fp16 (with a GradScaler) on CUDA GPUs without it, else fp32.
+
+    The reason is recorded in config.json, so a run says why it ran in the precision it did.
+    """
+    if device.type == "mps" and precision not in ("auto", "fp32"):
+        raise UserError(f"--precision {precision}: autocast on MPS is not supported here; use fp32")
+    if device.type == "cpu" and precision == "fp16":
+        raise UserError("--precision fp16: CPUs have no fast fp16 training; use bf16 (native on AVX-512-bf16/AMX "
+                        "CPUs) or fp32")
+    if precision != "auto":
+        return precision, f"--precision {precision}"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"{torch.cuda.get_device_name(device)} computes bf16 natively"
+        return "fp16", f"{torch.cuda.get_device_name(device)} has no native bf16: fp16 autocast with a GradScaler"
+    if device.type == "cpu":
+        native, reason = cpu_bf16_reason()
+        return ("bf16" if native else "fp32"), reason
+    return "fp32", f"{device.type}: fp32"
 
 
 def resolve_precision(precision, device):
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    return choose_precision(precision, device)[0]
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device, precision):
-    enabled = precision == "bf16" and device.type in ("cuda", "cpu")
-    return torch.autocast(device.type if enabled else "cpu", dtype=torch.bfloat16, enabled=enabled)
+    enabled = precision in AUTOCAST_DTYPES and device.type in ("cuda", "cpu")
+    return torch.autocast(device.type if enabled else "cpu", dtype=AUTOCAST_DTYPES.get(precision, torch.bfloat16),
+                          enabled=enabled)
+
+
+def grad_scaler(device, precision):
+    """fp16 needs its loss scaled so small gradients do not underflow; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def usable_cores():
@@ -53,18 +107,22 @@ def usable_cores():
 
 
 def default_workers(device):
-    """CPU: one worker decodes while the main process computes; more only steal its cores."""
-    cores = usable_cores()
+    """DataLoader workers per process, from the cores this machine's processes share
+    (LOCAL_WORLD_SIZE, not the global world size: other machines' processes have their own cores).
+
+    GPU: every core but one each process keeps for itself, since decoding JPEGs on the CPU is
+    what feeds a GPU (docs/gpu.md has the arithmetic); CPU: one worker decodes while the main
+    process computes; more only steal its cores.
+    """
+    cores_each = usable_cores() // dist.local_world_size()
     if device.type == "cuda":
-        return max(1, min(8, cores // max(1, dist.world_size()) - 1))
-    return 1 if cores > 1 else 0
+        return max(1, cores_each - 1)
+    return 1 if cores_each > 1 else 0
 
 
 def compile_model(model, device):
-    """torch.compile; on a CPU with one compile thread (measured: parallel compile workers make it
-    2x slower on a 2-core CPU). There compiled fp32 training was within the noise of eager
-    (8.96 against 8.85 and 8.73 against 9.28 s per ResNet18 step at 224), so it stays optional.
-    """
+    """torch.compile; on a CPU with one compile thread, because parallel compile workers compete
+    with the compiling process for a small CPU's cores (docs/speed.md has the measurements)."""
     if device.type == "cpu":
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     return torch.compile(model)
@@ -88,10 +146,10 @@ def cpu_name():
         return platform.processor() or platform.machine()
 
 
-def environment(device, precision, world_size=1):
+def environment(device, precision, world_size=1, precision_reason=None):
     import torchvision
 
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "precision": precision, "world_size": world_size}
+            "precision": precision, "precision_reason": precision_reason, "world_size": world_size}

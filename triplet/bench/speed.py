@@ -10,7 +10,9 @@ import torch
 
 from triplet import engine, runtime
 from triplet.bench.timing import matmul_peak_gflops, memory_report, synchronize, timed_batches, train_gflop_per_triplet
-from triplet.data.datasets import ImageDataset, TripletCUBDataset
+from triplet.data.datasets import ImageDataset
+from triplet.data.samplers import TripletBatchSampler
+from triplet.mining import packaged_triplets
 from triplet.model import build_model
 
 from triplet.data.transforms import EvalTransform, TrainTransform
@@ -19,19 +21,23 @@ from triplet.data.transforms import EvalTransform, TrainTransform
 def probe_machine(device):
     """The device, the suite's automatic precision, and the matmul peak in each precision used."""
     device = runtime.resolve_device(device)
-    precision = runtime.resolve_precision("auto", device)
+    precision, reason = runtime.choose_precision("auto", device)
     dtypes = {"fp32": torch.float32}
-    if (torch.cuda.is_bf16_supported() if device.type == "cuda" else runtime.cpu_has_bf16()):
+    if (torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else runtime.cpu_has_bf16()):
         dtypes["bf16"] = torch.bfloat16  # elsewhere bf16 is emulated: its matmul is no peak
+    if device.type == "cuda":
+        dtypes["fp16"] = torch.float16
     peaks = {name: round(matmul_peak_gflops(device, dtype), 1) for name, dtype in dtypes.items()}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else runtime.cpu_name()
     return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "auto_precision": precision, "cpu_has_bf16": runtime.cpu_has_bf16(), "matmul_peak_gflops": peaks}
+            "auto_precision": precision, "precision_reason": reason, "cpu_has_bf16": runtime.cpu_has_bf16(),
+            "matmul_peak_gflops": peaks}
 
 
 def step_speed(seconds, steps, batch_size):
     return {"seconds": round(seconds, 3), "step_s": round(seconds / steps, 3),
-            "triplets_per_s": round(steps * batch_size / seconds, 3)}
+            "triplets_per_s": round(steps * batch_size / seconds, 3),
+            "images_per_s": round(3 * steps * batch_size / seconds, 2)}
 
 
 def _suite_model(device, backbone):
@@ -48,16 +54,30 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
     device = torch.device(device)
     model = _suite_model(device, backbone)
     workers = runtime.default_workers(device)
-    dataset = TripletCUBDataset(paths, labels, TrainTransform(image_size))
-    loader = engine.make_loader(dataset, device, workers, batch_size=batch_size, shuffle=True, drop_last=True)
+    loader = engine.make_loader(ImageDataset(paths, labels, TrainTransform(image_size)), device, workers,
+                                batch_sampler=TripletBatchSampler(labels, batch_size), persistent=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     seconds = []
     engine.train_one_epoch(runtime.compile_model(model, device) if compiled else model,
                            timed_batches(loader, warmup, steps, device, seconds), optimizer, device,
-                           precision, margin=1.0, progress=False)
+                           precision, margin=1.0, miner=packaged_triplets, progress=False,
+                           scaler=runtime.grad_scaler(device, precision))
     return {"data": "prepared copy, torchvision.io + transforms v2", "precision": precision,
             "memory_format": "channels_last, compiled" if compiled else "channels_last", "workers": workers,
             **step_speed(seconds[0], steps, batch_size), **memory_report(device)}
+
+
+def data_path_speed(paths, labels, image_size, batch_size, batches):
+    """Images/s of the suite's training data path alone (decode, augment, collate uint8) with one
+    worker: what each worker adds, to size the workers a GPU needs."""
+    loader = engine.make_loader(ImageDataset(paths, labels, TrainTransform(image_size)), torch.device("cpu"), 1,
+                                batch_sampler=TripletBatchSampler(labels, batch_size), persistent=True)
+    seconds = []
+    for _ in timed_batches(loader, 1, batches, torch.device("cpu"), seconds):
+        pass
+    images = 3 * batch_size * batches
+    return {"workers": 1, "images": images, "seconds": round(seconds[0], 3),
+            "images_per_s_per_worker": round(images / seconds[0], 1)}
 
 
 def embedding_speed(device, backbone, paths, labels, image_size, batch_size, precision):
@@ -89,14 +109,14 @@ def profile_training_step(device, backbone, image_size, batch_size, precision):
     device = torch.device(device)
     model = _suite_model(device, backbone)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-    anchors, positives, negatives = torch.randn(3, batch_size, 3, image_size, image_size).unbind()
-    batch = [(anchors, positives, negatives, torch.zeros(batch_size, dtype=torch.long))]
-    engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
+    images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8)
+    batch = [(images, torch.zeros(3 * batch_size, dtype=torch.long))]
+    engine.train_one_epoch(model, batch, optimizer, device, precision, 1.0, packaged_triplets, progress=False)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     with profile(activities=activities) as profiler:
         start = time.perf_counter()
-        engine.train_one_epoch(model, batch, optimizer, device, precision, margin=1.0, progress=False)
+        engine.train_one_epoch(model, batch, optimizer, device, precision, 1.0, packaged_triplets, progress=False)
         synchronize(device)
         seconds = time.perf_counter() - start
     attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"

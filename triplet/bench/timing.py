@@ -86,16 +86,25 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
+def prefetched(loader):
+    """Batches a DataLoader's workers load ahead (workers x prefetch_factor); 0 for anything else."""
+    return getattr(loader, "num_workers", 0) * (getattr(loader, "prefetch_factor", None) or 0)
+
+
 def timed_batches(loader, warmup, steps, device, seconds):
     """Yield ``warmup + steps`` batches; append to ``seconds`` the time the last ``steps`` took.
 
-    The clock starts when the consumer asks for the first timed batch (the warm-up steps are
-    done) and stops when it asks for one more after the last (the last step is done), so it
-    covers whole steps, waiting for data included, in any training loop that iterates this.
+    After the warm-up, the batches the workers loaded ahead are drained (taken, not yielded), so
+    the timed steps wait for data as they would in the middle of an epoch instead of starting on
+    a full queue. The clock starts when the consumer asks for the first timed batch and stops
+    when it asks for one more after the last, so it covers whole steps, waiting for data included.
+    The loader must hold ``warmup + prefetched(loader) + steps`` batches.
     """
     batches = iter(loader)
     for i in range(warmup + steps):
         if i == warmup:
+            for _ in range(prefetched(loader)):
+                next(batches)
             synchronize(device)
             start = time.perf_counter()
         yield next(batches)

@@ -1,7 +1,7 @@
 """Transforms from an image path to a model-ready tensor: training augmentation and evaluation.
 
-Training decodes with ``torchvision.io`` and augments uint8 tensors with transforms v2 (about
-1.7x faster than PIL + transforms v1 on the 2-core development CPU). Evaluation calls the
+Training decodes with ``torchvision.io`` and augments uint8 tensors with transforms v2 (faster
+than PIL + transforms v1; docs/speed.md has the measurements). Evaluation calls the
 torch-free ``triplet.deploy.preprocess.preprocess`` so the deployed ONNX embedder sees exactly the
 same input. Both are small callable classes so DataLoader workers can pickle them.
 """
@@ -26,7 +26,10 @@ def load_image(path):
 
 
 class TrainTransform:
-    """RandomResizedCrop + horizontal flip + mild colour jitter + ImageNet normalisation.
+    """RandomResizedCrop + horizontal flip + mild colour jitter, uint8 in and out.
+
+    The ImageNet normalisation happens on the training device (``triplet.engine.to_device``), so
+    workers send, pin and copy a quarter of the bytes of a float32 batch.
 
     ``min_scale``: the smallest crop, as a fraction of the image's area (torchvision's 0.08 by
     default; small or centred objects, such as digits, need a larger one).
@@ -37,8 +40,6 @@ class TrainTransform:
             v2.RandomResizedCrop(image_size, scale=(min_scale, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])
 
     def __call__(self, path):
@@ -53,19 +54,3 @@ class EvalTransform:
 
     def __call__(self, source):
         return torch.from_numpy(preprocess(open_rgb(source), self.image_size))
-
-
-class CachedTrainTransform:
-    """``--gpu-cache``: decode every image once, keep the uint8 tensors on the training device and
-    augment there, so an epoch is not bound by CPU decoding (all of CUB at short side 256 is about
-    3 GB). Needs DataLoader workers=0: CUDA tensors do not cross process boundaries.
-    """
-
-    def __init__(self, paths, image_size, device, min_scale=0.08):
-        from tqdm import tqdm
-
-        self.ops = TrainTransform(image_size, min_scale).ops
-        self.images = {str(p): load_image(p).to(device) for p in tqdm(paths, desc="cache", unit="img", leave=False)}
-
-    def __call__(self, path):
-        return self.ops(self.images[str(path)])

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from triplet.reporting import study
 from triplet.reporting.collect import dataset_label, load_runs, untrained_metrics
+from triplet.reporting.demo import demo_paragraph, is_demo
 from triplet.errors import UserError
 from triplet.fileio import write_text
 from triplet.runs import describe_recipe
@@ -176,7 +177,10 @@ def run_section(run, by_name):
         lines += [f"Study: experiment {key[0][3:]} with {key[1].replace('resnet', 'ResNet')} (Tables "
                   f"{published['tables']}): {hp['epochs']} epochs, lr {hp['lr']}, batch {hp['batch_size']}.", ""]
     lines += [f"This run: {describe(run)}", ""]
+    if is_demo(run["name"]) and run["untrained"] and not run["baseline"]:
+        lines += [demo_paragraph(m, run["untrained"]), ""]
     header = ["Metric", "This run"] + (["Study", "Δ (run − study)"] if key else []) + \
+
         (["Untrained trunk"] if untrained else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label, decimals in ROWS:

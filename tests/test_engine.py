@@ -1,0 +1,59 @@
+"""The training step's data path: uint8 normalised on the device, few host syncs, a non-finite
+loss still stopping the run at the step where it happened."""
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from triplet import engine
+from triplet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from triplet.mining import packaged_triplets
+
+CPU = torch.device("cpu")
+
+
+def test_uint8_batches_are_normalised_on_the_device_exactly_as_transforms_v2_would():
+    images = torch.randint(0, 256, (6, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    on_device = engine.to_device(images, CPU)
+    expected = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)(v2.ToDtype(torch.float32, scale=True)(images))
+    assert torch.equal(on_device, expected)
+    assert on_device.is_contiguous(memory_format=torch.channels_last)
+    floats = torch.randn(2, 3, 4, 4)  # evaluation batches arrive normalised
+    assert torch.equal(engine.to_device(floats, CPU), floats)
+
+
+class NanAt(torch.nn.Module):
+    """Finite embeddings, except NaN from the ``bad``-th call (1-based) on."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.weight, self.calls, self.bad = torch.nn.Parameter(torch.ones(1)), 0, bad
+
+    def forward(self, images):
+        self.calls += 1
+        out = images.flatten(1)[:, :4] * self.weight
+        return out * float("nan") if self.calls >= self.bad else out
+
+
+def batches(steps):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 3, 2, 2, generator=g), torch.zeros(6)) for _ in range(steps)]
+
+
+def run(model, steps, sync_every):
+    return engine.train_one_epoch(model, batches(steps), torch.optim.SGD(model.parameters(), lr=0.01), CPU, "fp32",
+                                  1.0, packaged_triplets, epoch=1, progress=False, sync_every=sync_every)
+
+
+def test_the_host_looks_at_the_loss_only_every_few_steps(monkeypatch):
+    looks = []
+    original = engine._check_finite
+    monkeypatch.setattr(engine, "_check_finite", lambda losses, *a: looks.append(len(losses)) or original(losses, *a))
+    stats = run(NanAt(bad=10**9), steps=7, sync_every=3)
+    assert looks == [3, 3, 1]  # two sync points and the epoch's end
+    assert stats["train_loss"] > 0 and stats["active_triplets"] >= 0
+
+
+@pytest.mark.parametrize("bad, sync_every", [(5, 3), (1, 50), (7, 7)])
+def test_a_non_finite_loss_names_the_epoch_and_its_first_bad_step(bad, sync_every):
+    with pytest.raises(engine.NonFiniteLoss, match=f"at epoch 2, step {bad};"):
+        run(NanAt(bad), steps=7, sync_every=sync_every)

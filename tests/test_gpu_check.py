@@ -1,0 +1,44 @@
+"""scripts/gpu_check.py: its CPU-runnable parts end to end, and a failing step not hiding the rest."""
+import json
+import sys
+
+from tests.conftest import run_script
+from triplet.bench.gpu_check import Step, markdown, run_step
+
+
+def test_gpu_check_cpu_parts_pass_and_report_every_step(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = run_script("gpu_check", "--device", "cpu", "--classes", 4, "--per-class", 6, "--synthetic-size", 64,
+                        "--resize", 40, "--image-size", 32, "--batch-size", 8, "--skip", "compile",
+                        "--workdir", tmp_path / "work", "--out", out, check=False, timeout=900)
+    report = json.loads(out.read_text())
+    rows = {r["step"]: r for r in report["steps"]}
+    assert result.returncode == 0, [(r["step"], r["message"]) for r in report["steps"] if r["status"] == "fail"]
+    for name in ("train", "resume", "evaluate", "export-cpu", "fp32", "bf16", "gpu-cache", "batch-hard"):
+        assert rows[name]["status"] == "pass", rows[name]
+    for name in ("train", "fp32", "gpu-cache", "batch-hard"):
+        assert rows[name]["epoch_s"] > 0
+    for name in ("fp16", "compile", "host-syncs", "ddp-nccl"):
+        assert rows[name]["status"] == "skipped", rows[name]
+    assert "2 CUDA devices" in rows["ddp-nccl"]["message"] and rows["compile"]["message"] == "--skip compile"
+    assert report["failed"] == 0 and report["passed"] == 8
+    table = out.with_suffix(".md").read_text()
+    assert "| resume |" in table and "**8 passed, 0 failed, 4 skipped**" in table
+
+
+def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(tmp_path):
+    python = sys.executable
+    steps = [Step("boom", "fails", [python, "-c", "import sys; print('x: error: bad thing', file=sys.stderr); sys.exit(2)"]),
+             Step("hang", "hangs", [python, "-c", "import time; time.sleep(60)"]),
+             Step("fine", "works", [python, "-c", "print('all good')"], expect="good"),
+             Step("quiet", "passes without the expected text", [python, "-c", "print('hm')"], expect="good")]
+    rows = [run_step(step, timeout=3, cuda=False, log=lambda *a: None) for step in steps]
+    assert [r["status"] for r in rows] == ["fail", "fail", "pass", "fail"]
+    assert rows[0]["message"] == "x: error: bad thing" and rows[1]["message"] == "timed out after 3 s"
+    assert rows[2]["message"] == "all good" and "lacks 'good'" in rows[3]["message"]
+    report = {"command": "c", "machine": {"device_name": "d", "gpus": 0, "torch": "t", "precision": "fp32",
+                                          "precision_reason": "r"},
+              "settings": {"images": 1, "synthetic_size": 1, "image_size": 1}, "passed": 1, "failed": 3, "skipped": 0,
+              "steps": rows}
+    table = [line for line in markdown(report).splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows) and table[2].startswith("| boom | fails | fail |")  # header, rule, rows

@@ -1,0 +1,156 @@
+"""The device layer on machines this CPU stands in for: CUDA GPUs, several GPUs, bf16 CPUs.
+
+Each capability is mocked both ways, so the decisions a GPU or a bf16 server would take are
+checked here, on any CPU.
+"""
+import pytest
+import torch
+import torch.distributed as td
+
+from triplet import distributed as dist
+from triplet import engine, runtime
+from triplet.checkpoint import check_world_size, prepare_training
+from triplet.errors import UserError
+from triplet.mining import packaged_triplets
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def capabilities(monkeypatch):
+    """Set what torch.cpu.get_capabilities() reports."""
+    def set_capabilities(**flags):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", **flags})
+    return set_capabilities
+
+
+@pytest.mark.parametrize("flags, native", [
+    ({"avx512_bf16": True}, True), ({"amx_bf16": True, "avx512_bf16": True}, True), ({"bf16": True}, True),
+    ({"avx2": True}, False), ({"avx512_f": True, "avx512_bf16": False}, False), ({}, False)])
+def test_cpu_bf16_decision_from_capabilities(flags, native):
+    decided, reason = runtime.cpu_bf16_decision(flags)
+    assert decided is native
+    assert ("native bf16" in reason) if native else ("emulated" in reason)
+    assert runtime.cpu_bf16_decision(flags, onednn_bf16=False)[0] is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_a_cpu_follows_native_bf16(capabilities, native):
+    capabilities(avx2=True, avx512_bf16=native)
+    precision, reason = runtime.choose_precision("auto", CPU)
+    assert precision == ("bf16" if native else "fp32")
+    assert ("avx512_bf16" in reason) if native else ("no native bf16" in reason)
+    assert runtime.resolve_precision("auto", CPU) == precision and runtime.cpu_has_bf16() is native
+    assert runtime.choose_precision("fp32", CPU) == ("fp32", "--precision fp32")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """A CUDA machine: ``gpu(count, native_bf16)``; nothing runs on it, only decisions are taken."""
+    def make(count=1, native_bf16=True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: native_bf16 or including_emulation)
+    return make
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_on_cuda_takes_bf16_only_where_native(gpu, native, expected):
+    gpu(native_bf16=native)  # a T4 or V100 "supports" bf16 only by emulation
+    precision, reason = runtime.choose_precision("auto", CUDA)
+    assert precision == expected and "Fake GPU" in reason
+    assert isinstance(runtime.grad_scaler(CUDA, precision), torch.amp.GradScaler) is (expected == "fp16")
+
+
+@pytest.mark.parametrize("device, precision", [(CPU, "fp16"), (torch.device("mps"), "bf16")])
+def test_precisions_a_device_cannot_run_are_refused(device, precision):
+    with pytest.raises(UserError, match=f"--precision {precision}"):
+        runtime.choose_precision(precision, device)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_loss_scaling_gives_the_unscaled_update_and_fp16_autocasts_to_half():
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(4, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    batch = [(torch.randn(6, 4), torch.zeros(6))]
+    for model, scaler in zip(models, (None, torch.amp.GradScaler("cpu", init_scale=2.0**10))):
+        engine.train_one_epoch(model, batch, torch.optim.SGD(model.parameters(), lr=0.1), CPU, "fp32", 1.0,
+                               packaged_triplets, progress=False, scaler=scaler, prepare=lambda x, d: x)
+    torch.testing.assert_close(models[1].weight, models[0].weight)
+    assert runtime.autocast(CUDA, "fp16").fast_dtype == torch.float16
+    assert runtime.autocast(CPU, "bf16").fast_dtype == torch.bfloat16
+
+
+def test_ddp_backend_follows_the_device_not_whether_cuda_exists(gpu, monkeypatch):
+    gpu(count=1)
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(td, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    assert dist.init_distributed(CPU)  # torchrun ... --device cpu on a GPU machine
+    assert calls == [("init", "gloo")]
+    calls.clear()
+    dist.init_distributed(CUDA)
+    assert calls == [("set_device", CUDA), ("init", "nccl")]
+
+
+def test_more_local_processes_than_gpus_is_one_clear_error(gpu, monkeypatch):
+    gpu(count=2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for name in ("cuda", "auto"):
+        with pytest.raises(UserError, match="starts 4 processes on this machine but 2 CUDA device"):
+            runtime.resolve_device(name)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert runtime.resolve_device("cuda") == torch.device("cuda", 1)
+    assert runtime.resolve_device("cpu") == CPU
+
+
+def test_workers_per_process_come_from_the_processes_on_this_machine(monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 16)
+    monkeypatch.setenv("WORLD_SIZE", "16")  # two machines of 8 GPUs: each process has 2 cores here
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert runtime.default_workers(CUDA) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.default_workers(CUDA) == 7 and runtime.default_workers(CPU) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert runtime.default_workers(CUDA) == 15
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one core each: decoding shares the main process's
+    assert runtime.default_workers(CUDA) == 1 and runtime.default_workers(CPU) == 0
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_resumed_optimizer_state_lives_with_its_parameters():
+    """The model reaches its device before Adam exists, so Adam's moments follow it there: the
+    "meta" device stands in for CUDA (a model moved after the load leaves them on the CPU)."""
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    resumed = net()
+    optimizer = prepare_training(resumed, torch.device("meta"), 1e-3, 0.0, checkpoint, "checkpoint_last.pt")
+    for parameter in resumed.parameters():
+        state = optimizer.state[parameter]
+        assert {"exp_avg", "exp_avg_sq"} <= set(state)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (state[key].device, state[key].dtype) == (parameter.device, parameter.dtype)
+    assert resumed[0].weight.device.type == "meta"
+    assert resumed[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_resume_with_another_number_of_processes_is_refused():
+    checkpoint = {"config": {"environment": {"world_size": 2}}}
+    check_world_size(checkpoint, 2, "run/checkpoint_last.pt")
+    with pytest.raises(UserError, match=r"trained by 2 process\(es\), resumed with 1; .*--nproc_per_node 2"):
+        check_world_size(checkpoint, 1, "run/checkpoint_last.pt")
+    with pytest.raises(UserError, match="without torchrun"):
+        check_world_size({"config": {"environment": {"world_size": 1}}}, 4, "run/checkpoint_last.pt")

@@ -1,0 +1,193 @@
+"""``make gpu-check``: everything the CPU tests cannot see, checked in minutes on a CUDA machine.
+
+Each step is one of the suite's own commands, run as a user would (a subprocess with its own
+timeout), and reported pass/fail with its message, so one failure never hides the rest. Steps
+that need more than the machine has are reported as skipped, with the reason.
+"""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@dataclass
+class Step:
+    name: str
+    what: str
+    command: list
+    env: dict = field(default_factory=dict)
+    run_dir: str = ""  # a training step: its epoch seconds come from this run's history.csv
+    expect: str = ""  # text the output must contain
+    skip: str = ""  # why the step cannot run on this machine ("" = it can)
+
+
+class GpuUtilisation:
+    """Mean utilisation of GPU 0 while a step runs, sampled from nvidia-smi twice a second."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+        self.samples, self._stop = [], threading.Event()
+
+    def _poll(self):
+        while not self._stop.wait(0.5):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-i", "0"], capture_output=True, text=True, timeout=5)
+                self.samples.append(float(out.stdout.strip().splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                pass
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+
+    def mean(self):
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def last_epoch_seconds(run_dir):
+    """The last epoch's seconds (training and validation) from a run's history.csv, or None."""
+    try:
+        with open(Path(run_dir) / "history.csv") as f:
+            rows = list(csv.DictReader(f))
+        return float(rows[-1]["seconds"]) if rows else None
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _last_line(text):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def run_step(step, timeout, cuda, log=print):
+    """Run one step; return its result row. Never raises for the step's own failure."""
+    row = {"step": step.name, "what": step.what, "status": "skipped", "seconds": None, "epoch_s": None,
+           "gpu_util_percent": None, "message": step.skip}
+    if step.skip:
+        log(f"{step.name:<12} skipped: {step.skip}")
+        return row
+    start = time.perf_counter()
+    with GpuUtilisation(cuda) as utilisation:
+        try:
+            result = subprocess.run([str(part) for part in step.command], capture_output=True, text=True,
+                                    timeout=timeout, env={**os.environ, **step.env})
+            output, ok = result.stdout + result.stderr, result.returncode == 0
+            message = _last_line(result.stderr if not ok else result.stdout) or f"exit code {result.returncode}"
+            if ok and step.expect and step.expect not in output:
+                ok, message = False, f"the output lacks {step.expect!r}: {message}"
+        except subprocess.TimeoutExpired:
+            ok, message = False, f"timed out after {timeout} s"
+    row.update(status="pass" if ok else "fail", seconds=round(time.perf_counter() - start, 1), message=message,
+               gpu_util_percent=utilisation.mean(),
+               epoch_s=last_epoch_seconds(step.run_dir) if step.run_dir and ok else None)
+    log(f"{step.name:<12} {row['status']:<4} {row['seconds']:7.1f} s  {message}")
+    return row
+
+
+def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
+    """Host synchronisations in ``steps`` bf16 offline-triplet steps of ResNet18 on CUDA, counted
+    by torch.cuda.set_sync_debug_mode after a warm-up epoch; the loop should only wait at its
+    sync points (``steps / sync_every`` of them, the epoch's end included). Exit status 1 if more."""
+    import warnings
+
+    import torch
+
+    from triplet import engine
+    from triplet.mining import packaged_triplets
+    from triplet.model import build_model
+
+    device = torch.device("cuda", 0)
+    model = build_model("resnet18", weights="none").to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8).pin_memory()
+    batches = [(images, torch.zeros(3 * batch_size, dtype=torch.int64).pin_memory())] * steps
+
+    def epoch():
+        engine.train_one_epoch(model, batches, optimizer, device, "bf16", 1.0, packaged_triplets, progress=False,
+                               sync_every=sync_every)
+
+    epoch()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epoch()
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    expected = -(-steps // sync_every)
+    print(f"{len(syncs)} host synchronisations in {steps} steps (expected {expected}: every {sync_every} steps)")
+    for w in syncs[:5]:
+        print(f"  {w.filename}:{w.lineno}: {w.message}")
+    sys.exit(0 if len(syncs) <= expected else 1)
+
+
+def plan_steps(opts, data_dir, work, gpus):
+    """The checks, in order; ``gpus``: CUDA devices visible (0 on a CPU run)."""
+    python, cuda = sys.executable, opts.device == "cuda"
+    runs = Path(work) / "runs"
+    common = ["--data-dir", data_dir, "--resize", opts.resize, "--image-size", opts.image_size,
+              "--batch-size", opts.batch_size, "--weights", "none", "--device", opts.device, "--no-progress"]
+
+    def train(name, what, *extra, epochs=1, out=None, **kwargs):
+        out = out or runs / name
+        command = [python, SCRIPTS / "train.py", *common, "--epochs", epochs, "--out", out, *extra]
+        return Step(name, what, command, run_dir=str(out), **kwargs)
+
+    main_run = runs / "main"
+    steps = [
+        train("train", "train 1 epoch (auto precision)", "--force", out=main_run),
+        train("resume", "--resume the same run to epoch 2", "--resume", epochs=2, out=main_run, expect="resuming"),
+        Step("evaluate", "evaluate the resumed run", [python, SCRIPTS / "evaluate.py", "--run", main_run,
+                                                      "--device", opts.device], expect="wrote"),
+        Step("export-cpu", "export to ONNX on the CPU from that checkpoint, CUDA hidden",
+             [python, SCRIPTS / "export_onnx.py", "--run", main_run, "--out", Path(work) / "main.onnx",
+              "--verify-images", 32], env={"CUDA_VISIBLE_DEVICES": ""}),
+    ]
+    for precision in ("fp32", "bf16", "fp16"):
+        skip = "" if cuda or precision != "fp16" else "CPUs have no fp16 training"
+        steps.append(train(precision, f"1 epoch in {precision}", "--precision", precision, "--force", skip=skip))
+    steps += [
+        train("gpu-cache", "1 epoch with --gpu-cache (batched augmentation on the device)", "--gpu-cache", "--force"),
+        train("compile", "1 epoch with --compile", "--compile", "--force"),
+        train("batch-hard", "1 epoch of batch-hard mining in PK batches", "--mining", "hard",
+              "--samples-per-class", 4, "--force"),
+    ]
+    steps.append(Step("host-syncs", "the training loop waits for the GPU only at its sync points",
+                      [python, "-c", "from triplet.bench.gpu_check import count_host_syncs; count_host_syncs()"],
+                      expect="host synchronisations", skip="" if cuda else "torch.cuda.set_sync_debug_mode is CUDA-only"))
+    torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, SCRIPTS / "train.py"]
+    steps.append(Step("ddp-nccl", "torchrun, 2 processes on 2 GPUs (NCCL)",
+                      [*torchrun, *common, "--epochs", 1, "--out", runs / "ddp", "--force"], run_dir=str(runs / "ddp"),
+                      skip="" if gpus >= 2 else f"needs 2 CUDA devices, {gpus} visible"))
+    return [step if step.name not in opts.skip or step.skip else
+            Step(step.name, step.what, step.command, skip=f"--skip {step.name}") for step in steps]
+
+
+def markdown(report):
+    m = report["machine"]
+    lines = ["# GPU check", "", f"`{report['command']}`", "",
+             f"{m['device_name']} ({m['gpus']} CUDA device(s) visible), torch {m['torch']}; auto precision: "
+             f"{m['precision']} ({m['precision_reason']}). Synthetic set: {report['settings']['images']} images at "
+             f"{report['settings']['synthetic_size']} px, {report['settings']['image_size']}-px crops. "
+             f"Epoch seconds: training and validation of the step's last epoch (history.csv).", "",
+             f"**{report['passed']} passed, {report['failed']} failed, {report['skipped']} skipped**", "",
+             "| Step | What | Status | Seconds | Epoch s | GPU util % | Message |", "|---|---|---|---:|---:|---:|---|"]
+    for r in report["steps"]:
+        cells = [r["step"], r["what"], r["status"], r["seconds"], r["epoch_s"], r["gpu_util_percent"],
+                 r["message"].replace("|", "\\|")]
+        lines.append("| " + " | ".join("" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
