@@ -180,7 +180,6 @@ def run_section(run, by_name):
     if is_demo(run["name"]) and run["untrained"] and not run["baseline"]:
         lines += [demo_paragraph(m, run["untrained"]), ""]
     header = ["Metric", "This run"] + (["Study", "Δ (run − study)"] if key else []) + \
-
         (["Untrained trunk"] if untrained else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label, decimals in ROWS:
