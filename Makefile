@@ -23,6 +23,8 @@ WEIGHTS ?= imagenet
 SPLIT ?= official
 NPROC ?= 1
 RESULTS ?= results
+# make custom IMAGES=my_photos (a folder of class subfolders) or IMAGES=my_photos.csv (path,label[,split])
+IMAGES ?=
 
 # A run folder names every override that changes its numbers (make exp1 EPOCHS=2 writes
 # exp1-resnet18-e2), so a quick try never stands in for the real run in exp1-resnet18.
@@ -30,8 +32,8 @@ RUN_TAG := $(if $(EPOCHS),-e$(EPOCHS))$(if $(filter-out 224,$(IMAGE_SIZE)),-s$(I
 
 PREPARED := $(DATA_DIR)/prepared/$(SPLIT)-r256-val0.1-seed0/prepare.json
 TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) scripts/train.py
-COMMON := --data-dir $(DATA_DIR) --split $(SPLIT) --device $(DEVICE) --image-size $(IMAGE_SIZE) \
-          --workers $(WORKERS) --weights $(WEIGHTS)
+RUN_OPTIONS := --split $(SPLIT) --device $(DEVICE) --image-size $(IMAGE_SIZE) --workers $(WORKERS) --weights $(WEIGHTS)
+COMMON := --data-dir $(DATA_DIR) $(RUN_OPTIONS)
 
 # The study's table (exp1-6) and our own recipe (exp7). EPOCHS, when set, overrides the epochs.
 exp1_ARGS := --epochs 20 --lr 0.001 --batch-size 32
@@ -67,7 +69,7 @@ data: $(PREPARED)
 $(PREPARED): | setup
 	$(PY) scripts/prepare_data.py --data-dir $(DATA_DIR) --split $(SPLIT)
 
-##@ The study (exp1-6) and beyond (exp7); BACKBONE=resnet18|resnet34
+##@ The study (exp1-6) and beyond (exp7); BACKBONE=resnet18|resnet34 (any torchvision model for your own runs)
 ## exp1: 20 epochs, lr 0.001, batch 32
 ## exp2: 20 epochs, lr 0.002, batch 32
 ## exp3: 20 epochs, lr 0.001, batch 64
@@ -101,6 +103,25 @@ ALL_RUNS := $(foreach e,exp1 exp2 exp3 exp4,$(foreach b,resnet18 resnet34,$(RESU
 ## all: the whole study on CUB: exp1-4 x both backbones, exp5-6, exp7 x both, report, export, bench
 all: $(ALL_RUNS)
 	$(MAKE) report export bench
+
+##@ Your own images (docs/own-images.md)
+CUSTOM_NAME = $(basename $(notdir $(patsubst %/,%,$(IMAGES))))
+CUSTOM_DATA = $(DATA_DIR)/$(CUSTOM_NAME)
+CUSTOM_RUN = $(RESULTS)/$(CUSTOM_NAME)-$(BACKBONE)
+CUSTOM_MODEL = exports/$(CUSTOM_NAME)-$(BACKBONE).onnx
+CUSTOM_SOURCE = $(if $(filter %.csv,$(IMAGES)),--manifest,--image-folder) $(IMAGES)
+# Offline triplets work from two classes up; a cosine schedule and a small lr suit a pretrained trunk.
+CUSTOM_ARGS ?= --epochs $(or $(EPOCHS),30) --lr 0.0001 --batch-size 32 --margin 0.2 --scheduler cosine
+## custom: IMAGES=DIR|FILE.csv [BACKBONE=resnet50]: prepare, train (resuming), evaluate, plots, report, ONNX + INT8
+custom: | setup
+	@test -n "$(IMAGES)" || { echo "make custom: set IMAGES=DIR (one subfolder per class) or IMAGES=FILE.csv"; exit 2; }
+	$(PY) scripts/prepare_data.py $(CUSTOM_SOURCE) --data-dir $(CUSTOM_DATA) --split $(SPLIT)
+	$(TRAIN) --data-dir $(CUSTOM_DATA) $(RUN_OPTIONS) --backbone $(BACKBONE) $(CUSTOM_ARGS) --out $(CUSTOM_RUN) --resume
+	$(PY) scripts/evaluate.py --run $(CUSTOM_RUN) --device $(DEVICE) --workers $(WORKERS)
+	$(PY) scripts/plot_embeddings.py --run $(CUSTOM_RUN)
+	$(PY) scripts/report.py --results $(RESULTS)
+	$(PY) scripts/export_onnx.py --run $(CUSTOM_RUN) --out $(CUSTOM_MODEL) --int8
+	@echo; echo "next: $(PY) scripts/search.py --model $(CUSTOM_MODEL) --gallery $(if $(filter %.csv,$(IMAGES)),DIR,$(IMAGES)) --query PHOTO.jpg"
 
 ##@ Reporting and deployment
 ## report: results/REPORT.md, every run beside the study's published numbers
@@ -185,4 +206,4 @@ readme: | setup
 clean:
 	rm -rf .pytest_cache **/__pycache__
 
-.PHONY: help setup test data $(EXPERIMENTS) baseline all report export bench gpu-check bench-train demo demo-study serve bench-search readme clean
+.PHONY: help setup test data $(EXPERIMENTS) baseline all custom report export bench gpu-check bench-train demo demo-study serve bench-search readme clean

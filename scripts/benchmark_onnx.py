@@ -30,14 +30,16 @@ from triplet.cli import check, run
 from triplet.runtime import cpu_has_bf16, cpu_name, usable_cores
 from triplet.deploy.export import export_model, quantize_int8
 from triplet.deploy.inference import OnnxEmbedder
-from triplet.model import BACKBONES, EmbeddingNet
+from triplet.backbones import DEFAULT_BACKBONE, check_backbone
+from triplet.model import EmbeddingNet
 from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 
 
 
 @dataclass
 class Options:
-    backbone: str = field(default="resnet18", metadata={"choices": list(BACKBONES), "help": "architecture (without --model)"})
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata={
+        "help": "architecture (without --model): a torchvision model name"})
     embedding_dim: int = field(default=128, metadata={"help": "embedding size (without --model)"})
     image_size: int = field(default=224, metadata={"help": "input size (without --model)"})
     model: str = field(default="", metadata={"help": "an exported .onnx to time (its <name>.int8.onnx too, if "
@@ -49,6 +51,7 @@ class Options:
     out: str = field(default="results/onnx_benchmark.json", metadata={"help": "JSON to write; Markdown beside it"})
 
     def __post_init__(self):
+        check_backbone(self.backbone)
         check(self.out.endswith(".json"), f"--out {self.out}: must end with .json")
         for name in ("embedding_dim", "image_size", "batch_size", "iterations"):
             check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
@@ -114,7 +117,7 @@ def prepare_models(opts, folder):
             return fp32, int8, metadata
     else:
         torch.manual_seed(0)
-        model = EmbeddingNet(opts.backbone, opts.embedding_dim).eval()
+        model = EmbeddingNet(opts.backbone, opts.embedding_dim, opts.image_size).eval()
         metadata = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim, "image_size": opts.image_size,
                     "resize_size": resize_size_for(opts.image_size), "mean": list(IMAGENET_MEAN),
                     "std": list(IMAGENET_STD), "source_run": "random-init", "test_metrics": {}, "precision": "fp32"}
@@ -154,7 +157,7 @@ def main(opts):
         size = meta["image_size"]
         inputs = np.random.default_rng(0).standard_normal((opts.batch_size, 3, size, size), dtype=np.float32)
         torch.manual_seed(0)
-        model = EmbeddingNet(meta["backbone"], meta["embedding_dim"]).eval()  # same architecture; speed ignores weights
+        model = EmbeddingNet(meta["backbone"], meta["embedding_dim"], meta["image_size"]).eval()  # same architecture; speed ignores weights
         settings = [("PyTorch eager fp32", torch_runner(model)),
                     ("PyTorch channels_last fp32", torch_runner(model, channels_last=True))]
         if cpu_has_bf16():

@@ -51,7 +51,7 @@ from triplet.bench.tables import RATIO_KEYS, peak_mb, training_table
 from triplet.cli import check, run
 from triplet.data.layout import ROOT
 from triplet.data.datasets import check_triplet_ready
-from triplet.model import BACKBONES
+from triplet.backbones import STUDY_BACKBONES, check_backbone
 from triplet.data.prepare import DataOptions, prepare, prepared_dir, read_manifest
 from triplet.bench.speed import (
     data_path_speed,
@@ -65,8 +65,8 @@ from triplet.data.synthetic import make_synthetic_cub
 
 @dataclass
 class Options:
-    backbones: list[str] = field(default_factory=lambda: list(BACKBONES), metadata={
-        "nargs": "+", "choices": list(BACKBONES), "help": "trunks to benchmark (default: all of them)"})
+    backbones: list[str] = field(default_factory=lambda: list(STUDY_BACKBONES), metadata={
+        "nargs": "+", "help": "trunks to benchmark: torchvision model names (default: the study's)"})
     image_size: int = field(default=224, metadata={"help": "training crop and evaluation input size"})
     batch_size: int = field(default=32, metadata={"help": "triplets per training step (3x as many images)"})
     steps: int = field(default=-1, metadata={"help": "timed training steps per path and round (-1: 100 on CUDA, 5 elsewhere)"})
@@ -93,6 +93,8 @@ class Options:
     resize: int = field(default=256, metadata={"help": "short side of the suite's prepared copy"})
 
     def __post_init__(self):
+        for backbone in self.backbones:
+            check_backbone(backbone, "--backbones")
         check(self.steps >= 1 or self.steps == -1, f"--steps {self.steps}: must be >= 1 (or -1: automatic)")
         check(self.rounds >= 1, f"--rounds {self.rounds}: must be >= 1")
         check(self.warmup >= -1, f"--warmup {self.warmup}: must be >= 0 (or -1: automatic)")

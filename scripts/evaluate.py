@@ -6,7 +6,10 @@
 
 Embeds every test image once, saves RUN_DIR/test_embeddings.npz and writes RUN_DIR/metrics.json
 (loss, triplet_accuracy, cos_sim_ap, cos_sim_an on fixed seeded test triplets; precision_at_1/5/10,
-recall_at_1/2/4/8, map_at_r, r_precision, nmi over all test images, in %).
+recall_at_1/2/4/8, map_at_r, r_precision, nmi over all test images, in %). Retrieval is
+leave-one-out (each test image queries all the others) or, for a manifest with query/gallery
+rows, query-gallery (each query is ranked against the gallery only); metrics.json names the
+protocol and the dataset.
 """
 import dataclasses
 from dataclasses import dataclass, field
@@ -20,8 +23,10 @@ from triplet.checkpoint import checkpoint_options, model_from_checkpoint
 from triplet.cli import check, run
 from triplet.data.datasets import ImageDataset
 from triplet.fileio import atomic_path, write_json
-from triplet.model import BACKBONES, build_seeded_model
-from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, run_data_options
+from triplet.backbones import DEFAULT_BACKBONE, check_backbone
+from triplet.model import build_seeded_model
+from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
+                                  run_data_options)
 from triplet.data.transforms import EvalTransform
 
 
@@ -39,14 +44,14 @@ class Options(DataOptions):
     seed: int = field(default=0, metadata={
         "help": "seed of the fixed test triplets; --checkpoint none on a folder without config.json: also the "
                 "model's initialisation (as train.py --seed)"})
-    backbone: str = field(default="resnet18", metadata={"help": "--checkpoint none on a folder without config.json: trunk"})
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": "--checkpoint none on a folder without config.json: trunk"})
     weights: str = field(default="imagenet", metadata={"help": "--checkpoint none on a folder without config.json: trunk weights"})
     embedding_dim: int = field(default=128, metadata={"help": "--checkpoint none on a folder without config.json: embedding size"})
     image_size: int = field(default=224, metadata={"help": "--checkpoint none on a folder without config.json: input size"})
 
     def __post_init__(self):
         check(self.run, "--run is required: the run folder to evaluate")
-        check(self.backbone in BACKBONES, f"--backbone {self.backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
+        check_backbone(self.backbone)
         check(self.batch_size >= 1, "--batch-size must be >= 1")
 
 
@@ -62,7 +67,7 @@ def load_model(opts, run_dir):
         runs.require_options(options, ("backbone", "embedding_dim", "weights", "image_size"), config_path)
         # exactly the model train.py started from: same seed, same build
         model = build_seeded_model(options.get("seed", 0), options["backbone"], options["embedding_dim"],
-                                   options["weights"])
+                                   options["weights"], options["image_size"])
         return model.eval(), options, {"checkpoint": "none", "epoch": 0, "init_seed": options.get("seed", 0)}
     path = run_dir / f"checkpoint_{opts.checkpoint}.pt" if opts.checkpoint in ("best", "last") else Path(opts.checkpoint)
     model, checkpoint = model_from_checkpoint(path)
@@ -81,20 +86,25 @@ def main(opts):
     workers = runtime.default_workers(device) if opts.workers < 0 else opts.workers
     if not (run_dir / "config.json").exists():  # a new baseline folder: record how it was made
         runs.write_config(run_dir, {"options": options, "environment": runtime.environment(device, precision)})
-    paths, labels = read_manifest(prepared_dir(data), "test")
+    prepared = prepared_dir(data)
+    paths, labels = read_manifest(prepared, "test")
+    source, is_query = read_prepare_info(prepared), query_mask(prepared, paths)
     dataset = ImageDataset(paths, labels, EvalTransform(options["image_size"]))
     model.to(device, memory_format=torch.channels_last)
-    print(f"embedding {len(paths)} test images of {prepared_dir(data)} on {device} ({precision})")
+    print(f"embedding {len(paths)} test images of {prepared} on {device} ({precision}); protocol {source['protocol']}")
     embeddings, labels = engine.embed_dataset(model, dataset, device, precision, opts.batch_size, workers)
     untrained_beside_trained = opts.checkpoint == "none" and (run_dir / "checkpoint_best.pt").exists()
     suffix = "_untrained" if untrained_beside_trained else ""
     with atomic_path(run_dir / f"test_embeddings{suffix}.npz") as tmp:
         np.savez(tmp, embeddings=embeddings, labels=labels, paths=np.array(paths))
-    metrics = engine.evaluate_embeddings(embeddings, labels, options.get("margin", 1.0), opts.seed)
+    metrics = engine.evaluate_embeddings(embeddings, labels, options.get("margin", 1.0), opts.seed, is_query=is_query)
     result = {**{k: round(v, 4) for k, v in metrics.items()}, **info, "backbone": options["backbone"],
               "embedding_dim": options["embedding_dim"], "image_size": options["image_size"],
               "split": data.split, "num_images": int(len(labels)), "num_classes": int(len(set(labels.tolist()))),
-              "seed": opts.seed, "precision": precision}
+              "seed": opts.seed, "precision": precision, "dataset": source["dataset"]["name"],
+              "dataset_kind": source["dataset"]["kind"], "protocol": source["protocol"]}
+    if is_query is not None:
+        result |= {"num_queries": int(is_query.sum()), "num_gallery": int((~is_query).sum())}
     write_json(run_dir / f"metrics{suffix}.json", result)
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():

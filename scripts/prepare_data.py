@@ -1,6 +1,8 @@
-"""Get CUB-200-2011 (download, or a local archive, or a synthetic set) and build the prepared copy.
+"""Get CUB-200-2011 (download, a local archive, a synthetic set) or your own images, and build the prepared copy.
 
     python scripts/prepare_data.py                          # download, verify, extract, prepare
+    python scripts/prepare_data.py --image-folder my_photos # my_photos/<class>/*.jpg -> data/my_photos/prepared/
+    python scripts/prepare_data.py --manifest photos.csv --split classes --skip-bad
     python scripts/prepare_data.py --archive ~/CUB_200_2011.tgz
     python scripts/prepare_data.py --split classes --crop-bbox
     python scripts/prepare_data.py --synthetic --data-dir /tmp/x --classes 12 --per-class 10
@@ -8,7 +10,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from triplet.data import cub
+from triplet.data import cub, sources
 from triplet.cli import check, run
 from triplet.errors import UserError
 from triplet.data.prepare import DataOptions, prepare
@@ -23,6 +25,17 @@ class Options(DataOptions):
         "help": "expected MD5 of the archive; change it only for an archive you built yourself"})
     no_download: bool = field(default=False, metadata={
         "help": "fail instead of downloading when the dataset is absent"})
+    image_folder: str = field(default="", metadata={
+        "help": "prepare your own images instead: one subfolder per class (DIR/<class>/**/<image>); only read. "
+                "--data-dir then defaults to data/<folder name>"})
+    manifest: str = field(default="", metadata={
+        "help": "prepare the images a CSV lists instead: path,label[,split] with paths relative to the CSV; split is "
+                "train, val, test, or query/gallery (each query ranked against the gallery only)"})
+    test_fraction: float = field(default=0.2, metadata={
+        "help": "--image-folder, or --manifest without a split column: share of each class's images (--split "
+                "official) or of the classes (--split classes) held out for testing, seeded by --split-seed"})
+    skip_bad: bool = field(default=False, metadata={
+        "help": "leave unreadable or truncated images out (listed on screen and in prepare.json) instead of failing"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
         "help": "refuse an image with more pixels than this (a decompression bomb); 64 million passes 50-megapixel photos"})
     max_members: int = field(default=cub.MAX_MEMBERS, metadata={
@@ -51,11 +64,37 @@ class Options(DataOptions):
         check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
         check(self.max_members >= 1, f"--max-members {self.max_members}: must be >= 1")
         check(self.max_extract_gb > 0, f"--max-extract-gb {self.max_extract_gb}: must be > 0")
-        check(not (self.synthetic and self.digits), "--synthetic and --digits: pick one")
+        sources_given = [name for name in ("synthetic", "digits", "image_folder", "manifest") if getattr(self, name)]
+        check(len(sources_given) <= 1, f"--{' and --'.join(n.replace('_', '-') for n in sources_given)}: pick one")
+        check(0 < self.test_fraction < 1, f"--test-fraction {self.test_fraction}: must be in (0, 1)")
+        if (self.image_folder or self.manifest) and self.data_dir == DataOptions.data_dir:
+            self.data_dir = str(Path(DataOptions.data_dir) / Path(self.image_folder or self.manifest).resolve().stem)
+
+
+def prepare_own_images(opts):
+    """--image-folder / --manifest: read the source (never written), prepare, say what comes next."""
+    if opts.image_folder:
+        folder = Path(opts.image_folder).resolve()
+        if Path(opts.data_dir).resolve().is_relative_to(folder):
+            raise UserError(f"--data-dir {opts.data_dir}: inside --image-folder {opts.image_folder}, which is only "
+                            f"read; put the prepared copy elsewhere")
+        dataset = sources.from_image_folder(opts.image_folder)
+    else:
+        dataset = sources.from_manifest(opts.manifest)
+    prepared = prepare(opts, opts.workers, max_pixels=opts.max_pixels, dataset=dataset, test_fraction=opts.test_fraction,
+                       skip_bad=opts.skip_bad)
+    defaults = DataOptions()
+    options = " ".join(f"--{name.replace('_', '-')} {getattr(opts, name)}" for name in
+                       ("data_dir", "split", "val_fraction", "split_seed", "resize")
+                       if name == "data_dir" or getattr(opts, name) != getattr(defaults, name))
+    print(f"next: python scripts/train.py {options} --out results/{dataset.name}-resnet18 "
+          f"(these options find {prepared})")
 
 
 def main(opts):
     data_dir = Path(opts.data_dir)
+    if opts.image_folder or opts.manifest:
+        return prepare_own_images(opts)
     if opts.synthetic or opts.digits:
         from triplet.data import synthetic
         from triplet.data.layout import pack_archive

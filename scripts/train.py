@@ -1,4 +1,4 @@
-"""Train a triplet-loss embedding (ResNet18/34 trunk) on a prepared CUB split.
+"""Train a triplet-loss embedding (ResNet18/34 or any torchvision trunk) on a prepared split.
 
     python scripts/train.py --backbone resnet18 --epochs 20 --lr 0.001 --batch-size 32 --out results/exp1-resnet18
     python scripts/train.py --mining hard --batch-size 64 --samples-per-class 4 --out results/exp7-resnet18
@@ -24,8 +24,9 @@ from triplet.data.datasets import ImageDataset, check_triplet_ready
 from triplet.data.samplers import PKSampler, TripletBatchSampler
 from triplet.errors import UserError
 from triplet.mining import get_miner
-from triplet.model import BACKBONES, build_seeded_model
-from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
+from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
+from triplet.model import build_seeded_model
+from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
 from triplet.seeding import seed_everything
 from triplet.data.gpu_cache import GpuCache, KeyDataset
 from triplet.data.transforms import EvalTransform, TrainTransform
@@ -33,9 +34,10 @@ from triplet.data.transforms import EvalTransform, TrainTransform
 
 @dataclass
 class Options(DataOptions):
-    backbone: str = field(default="resnet18", metadata={"help": f"trunk: {' or '.join(BACKBONES)}"})
+    backbone: str = field(default=DEFAULT_BACKBONE, metadata={"help": BACKBONE_HELP})
     weights: str = field(default="imagenet", metadata={
-        "help": "trunk initialisation: imagenet (torchvision's IMAGENET1K_V1), none (random), or a state-dict path"})
+        "help": "trunk initialisation: imagenet (torchvision's default weights for the backbone; IMAGENET1K_V1 "
+                "for ResNet18/34), none (random), or a state-dict path"})
     embedding_dim: int = field(default=128, metadata={"help": "size of the L2-normalised embedding"})
     epochs: int = field(default=20, metadata={"role": "extendable", "help": "number of epochs"})
     lr: float = field(default=0.001, metadata={"help": "Adam learning rate"})
@@ -73,7 +75,7 @@ class Options(DataOptions):
     progress: bool = field(default=True, metadata={"role": "runtime", "help": "hide the per-epoch progress bar (for logs and CI)"})
 
     def __post_init__(self):
-        check(self.backbone in BACKBONES, f"--backbone {self.backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
+        check_backbone(self.backbone)
         check(self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
         check(self.batch_size >= 2, f"--batch-size {self.batch_size}: must be >= 2")
@@ -152,8 +154,8 @@ def main(opts):
     val_set = ImageDataset(val_paths, val_labels, EvalTransform(opts.image_size))
     miner = get_miner(opts.mining, opts.margin)
 
-    model = build_seeded_model(opts.seed, opts.backbone, opts.embedding_dim, opts.weights)
-    model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim}
+    model = build_seeded_model(opts.seed, opts.backbone, opts.embedding_dim, opts.weights, opts.image_size)
+    model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim, "image_size": opts.image_size}
     checkpoint = load_checkpoint(resume_from, REQUIRED_KEYS + RESUME_KEYS) if resume_from else None
     scaler = runtime.grad_scaler(device, precision)
     optimizer = prepare_training(model, device, opts.lr, opts.weight_decay, checkpoint, resume_from, scaler)
@@ -172,6 +174,7 @@ def main(opts):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if opts.compile:
         net = runtime.compile_model(net, device)
+    config["dataset"] = read_prepare_info(prepared)["dataset"]
     if dist.is_main():  # the first write: everything above was checked, so --force replaces only now
         if opts.force:
             runs.set_aside_old_run(run_dir, log)

@@ -92,7 +92,7 @@ def test_help_lists_every_target():
     result = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "RESULTS=results" in result.stdout
     for target in ["setup", "test", "data", "exp1", "exp7", "all", "baseline", "report", "export", "bench",
-                   "bench-train", "gpu-check", "demo", "demo-study", "readme"]:
+                   "bench-train", "gpu-check", "demo", "demo-study", "readme", "custom"]:
         assert re.search(rf"^\s+{re.escape(target)}\s", result.stdout, re.M), target
 
 
@@ -125,3 +125,19 @@ def test_demo_study_runs_the_studys_recipe_on_the_demo_set(tmp_path):
         assert option(study, same) == option(demo, same), same
     assert option(study, "mining") == "none" and float(option(study, "margin")) == 1.0
     assert (float(option(study, "lr")), int(option(study, "batch-size"))) == STUDY["exp1"][1:]
+
+
+@pytest.mark.parametrize("images, source", [("my_photos/", "--image-folder"), ("shop.csv", "--manifest")])
+def test_custom_runs_the_whole_chain_on_your_own_images(images, source, tmp_path):
+    output = dry_run("custom", f"IMAGES={images}", "BACKBONE=resnet50", "EPOCHS=3", tmp_path=tmp_path)
+    name = images.strip("/").removesuffix(".csv")
+    chain = [line for line in output.splitlines() if "scripts/" in line and not line.startswith("echo")]
+    assert [re.search(r"scripts/(\w+)\.py", line).group(1) for line in chain] == \
+        ["prepare_data", "train", "evaluate", "plot_embeddings", "report", "export_onnx"]
+    assert option(chain[0], source.lstrip("-")) == images and option(chain[0], "data-dir") == f"{tmp_path}/data/{name}"
+    assert option(chain[1], "data-dir") == f"{tmp_path}/data/{name}" and option(chain[1], "backbone") == "resnet50"
+    assert option(chain[1], "epochs") == "3" and "--resume" in chain[1]
+    assert option(chain[1], "out") == f"{tmp_path}/results/{name}-resnet50"
+    assert option(chain[5], "out") == f"exports/{name}-resnet50.onnx" and "--int8" in chain[5]
+    assert "scripts/search.py --model exports/" in output
+

@@ -11,8 +11,10 @@ KEYS = ["precision_at_1", "precision_at_5", "precision_at_10", "recall_at_1", "r
         "recall_at_4", "recall_at_8", "map_at_r", "r_precision"]
 
 
-def brute_force(x, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8)):
-    """Definition-by-definition retrieval metrics: one Python loop per query, float64."""
+def brute_force(x, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8), is_query=None):
+    """Definition-by-definition retrieval metrics: one Python loop per query, float64.
+
+    ``is_query``: rows marked True query the unmarked rows only (query-gallery protocol)."""
     x = np.asarray(x, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     labels = list(np.asarray(labels))
@@ -20,15 +22,17 @@ def brute_force(x, labels, ks=(1, 5, 10), recall_ks=(1, 2, 4, 8)):
     prec = {k: [] for k in ks}
     rec = {k: [] for k in recall_ks}
     maps, rps = [], []
-    for q in range(n):
+    queries = range(n) if is_query is None else [i for i in range(n) if is_query[i]]
+    for q in queries:
         sims = x @ x[q]
-        order = sorted((j for j in range(n) if j != q), key=lambda j: (-sims[j], j))
+        candidates = [j for j in range(n) if j != q and (is_query is None or not is_query[j])]
+        order = sorted(candidates, key=lambda j: (-sims[j], j))
         rel = [labels[j] == labels[q] for j in order]
         for k in ks:
-            prec[k].append(sum(rel[:k]) / min(k, n - 1))
+            prec[k].append(sum(rel[:k]) / min(k, len(candidates)))
         for k in recall_ks:
             rec[k].append(float(any(rel[:k])))
-        r = labels.count(labels[q]) - 1
+        r = sum(labels[j] == labels[q] for j in candidates)
         if r == 0:
             continue
         rps.append(sum(rel[:r]) / r)
@@ -89,6 +93,35 @@ def test_matches_brute_force_random(chunk_size):
     expected = brute_force(x, y)
     for k in KEYS:
         assert m[k] == pytest.approx(expected[k], abs=1e-9), k
+
+
+@pytest.mark.parametrize("chunk_size", [7, 1024])
+def test_query_gallery_matches_brute_force(chunk_size):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(90, 8)).astype(np.float32)
+    y = rng.integers(0, 6, size=90)
+    is_query = rng.random(90) < 0.3
+    x[np.flatnonzero(~is_query)[:4]] = x[np.flatnonzero(~is_query)[4]]  # exact ties in the gallery
+    m = retrieval_metrics(x, y, chunk_size=chunk_size, with_nmi=False, is_query=is_query)
+    expected = brute_force(x, y, is_query=is_query)
+    for k in KEYS:
+        assert m[k] == pytest.approx(expected[k], abs=1e-9), k
+
+
+def test_query_gallery_hand_computed():
+    """Queries at 0 and 90 degrees; the gallery at 10 (class a), 85 (b), 100 (a). Each query is
+    ranked against the gallery only, never against the other query."""
+    x = on_circle([0, 90, 10, 85, 100])
+    m = retrieval_metrics(x, ["a", "b", "a", "b", "a"], ks=(1, 3), recall_ks=(1,), with_nmi=False,
+                          is_query=[True, True, False, False, False])
+    # query 0 (a): 10(a), 85(b), 100(a) -> P@1 1, P@3 2/3; R=2: AP@R 1/2, R-precision 1/2
+    # query 90 (b): 85(b), 100(a), 10(a) -> P@1 1, P@3 1/3; R=1: AP@R 1, R-precision 1
+    assert m["precision_at_1"] == pytest.approx(100.0)
+    assert m["precision_at_3"] == pytest.approx(100 * (2 / 3 + 1 / 3) / 2)
+    assert m["map_at_r"] == pytest.approx(100 * (1 / 2 + 1) / 2)
+    assert m["r_precision"] == pytest.approx(100 * (1 / 2 + 1) / 2)
+    with pytest.raises(ValueError, match="some but not all"):
+        retrieval_metrics(x, [0, 1, 0, 1, 0], is_query=[True] * 5)
 
 
 @pytest.mark.parametrize("n, chunk_size", [(120, 5), (120, 64), (120, 10_000), (13, 4)])

@@ -27,7 +27,24 @@ def results(tiny_run, tmp_path):
     return results
 
 
+def pose_as_cub_exp1(results):
+    """Make the tiny run look like `make exp1` on the real CUB (options and dataset), its baseline too."""
+    run = results / "exp1-resnet18"
+    config = json.loads((run / "config.json").read_text())
+    config["options"].update(study.PROTOCOL, **study.EXPERIMENTS["exp1"], backbone="resnet18")
+    config["dataset"] = {"name": "CUB-200-2011", "kind": "cub", "source": "data/CUB_200_2011"}
+    (run / "config.json").write_text(json.dumps(config))
+    for path in (run / "metrics.json", results / "baseline-resnet18" / "metrics.json"):
+        metrics = json.loads(path.read_text()) | {"dataset": "CUB-200-2011", "dataset_kind": "cub"}
+        path.write_text(json.dumps(metrics))
+
+
+def read_rows(text):
+    return [line for line in text.splitlines() if line.startswith("| ") and "[" in line]
+
+
 def test_report_compares_with_the_study(results):
+    pose_as_cub_exp1(results)
     (results / "exp1-resnet18" / "curves.png").write_bytes(b"png")
     (results / "onnx_benchmark.md").write_text("# ONNX benchmark\n\n| model | ms |\n|---|---|\n| fp32 | 1.0 |\n")
     result = run_script("report", "--results", results)
@@ -45,6 +62,55 @@ def test_report_compares_with_the_study(results):
     assert "Untrained trunk" in text  # the baseline column beside exp1-resnet18
 
 
+def test_a_synthetic_run_named_like_a_study_experiment_gets_no_study_columns(results):
+    text, _ = report.build_report(results)
+    assert "33.74" not in text and "Δ (run − study)" not in text and "| Study |" not in text
+    assert "but not comparable with it" in text and "synthetic" in text
+    assert all(row.rstrip(" |").endswith("—") for row in read_rows(text))
+
+
+def test_options_that_differ_from_the_experiment_drop_the_study_columns(results):
+    pose_as_cub_exp1(results)
+    config_path = results / "exp1-resnet18" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["options"]["epochs"] = 2  # `make exp1 EPOCHS=2`: a smoke test, not experiment 1
+    config_path.write_text(json.dumps(config))
+    text, _ = report.build_report(results)
+    assert "33.74" not in text and "but not comparable with it" in text
+
+
+def test_runs_are_grouped_by_dataset_with_their_own_best(results, tmp_path):
+    pose_as_cub_exp1(results)
+    mine = results / "mine-resnet50"
+    shutil.copytree(results / "exp1-resnet18", mine)
+    metrics = json.loads((mine / "metrics.json").read_text())
+    metrics.update(dataset="my_photos", dataset_kind="folder", num_classes=7, precision_at_1=99.0, backbone="resnet50",
+                   protocol="query-gallery", num_queries=12, num_gallery=30)
+    (mine / "metrics.json").write_text(json.dumps(metrics))
+    text, count = report.build_report(results)
+    assert count == 3
+    cub, folder = text.index("### CUB-200-2011"), text.index("### my_photos (folder)")
+    assert cub < folder
+    mine_row = next(row for row in read_rows(text) if "[mine-resnet50]" in row)
+    cells = [c.strip() for c in mine_row.strip("|").split("|")]
+    assert cells[0] == "1 **best**" and cells[2:6] == ["my_photos (folder)", "7", str(metrics["image_size"]), "resnet50"]
+    assert "(12 queries)" in mine_row and "query-gallery: 12 queries against 30 gallery images" in text
+    exp1_row = next(row for row in read_rows(text) if "[exp1-resnet18]" in row)
+    assert "**best**" in exp1_row  # the best of its own dataset
+
+
+def test_metrics_older_than_the_last_checkpoint_are_flagged_stale(results):
+    import os
+    run = results / "exp1-resnet18"
+    (run / "checkpoint_last.pt").write_bytes(b"newer")
+    stamp = (run / "metrics.json").stat().st_mtime_ns
+    os.utime(run / "checkpoint_last.pt", ns=(stamp + 10**9, stamp + 10**9))
+    text, _ = report.build_report(results)
+    assert "[exp1-resnet18](#exp1-resnet18) ⚠ stale" in text and "**Stale:** metrics.json is older" in text
+    os.utime(run / "metrics.json", ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))  # evaluated again
+    assert "stale" not in report.build_report(results)[0].lower()
+
+
 def test_baseline_on_other_test_images_is_not_compared(results):
     metrics_path = results / "baseline-resnet18" / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
@@ -55,6 +121,7 @@ def test_baseline_on_other_test_images_is_not_compared(results):
 
 
 def test_runs_outside_the_study_show_a_dash(results):
+    pose_as_cub_exp1(results)
     shutil.move(results / "exp1-resnet18", results / "exp5-resnet34")  # the study ran exp5 on ResNet18 only
     text, _ = report.build_report(results)
     row = next(line for line in text.splitlines() if line.startswith("| 1 ") and "exp5-resnet34" in line)

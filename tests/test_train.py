@@ -72,7 +72,7 @@ def test_run_folder_and_checkpoint_round_trip(tiny_run):
         assert (tiny_run / name).is_file(), name
     checkpoint = torch.load(tiny_run / "checkpoint_best.pt", weights_only=True)
     assert {"model", "optimizer", "epoch", "best_metric", "model_args", "config"} <= set(checkpoint)
-    assert checkpoint["model_args"] == {"backbone": "resnet18", "embedding_dim": 128}
+    assert checkpoint["model_args"] == {"backbone": "resnet18", "embedding_dim": 128, "image_size": 32}
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["options"]["lr"] == 0.001 and config["environment"]["torch"] == torch.__version__
     assert {"git_commit", "device", "torchvision"} <= set(config["environment"])
@@ -178,7 +178,7 @@ def test_an_option_added_since_a_run_was_made_counts_as_its_default(tmp_path):
     (["--crop-scale", "0"], "--crop-scale 0.0: must be in (0, 1]"),
     (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--batch-size", "1"], "--batch-size 1: must be >= 2"),
-    (["--backbone", "vgg16"], "--backbone 'vgg16': unknown"),
+    (["--backbone", "vgg1600"], "--backbone 'vgg1600': not a torchvision classification model; did you mean"),
     (["--mining", "hard", "--batch-size", "56", "--samples-per-class", "4"], "PK batches need P"),
     (["--data-dir", "/nonexistent/data"], "no prepared data"),
 ])

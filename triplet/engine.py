@@ -133,11 +133,14 @@ def embed(model, loader, device, precision):
     return torch.cat(outputs).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate_embeddings(embeddings, labels, margin=1.0, seed=0, with_nmi=True):
-    """The study's triplet metrics on fixed triplets plus retrieval metrics, from one embedding pass."""
+def evaluate_embeddings(embeddings, labels, margin=1.0, seed=0, with_nmi=True, is_query=None):
+    """The study's triplet metrics on fixed triplets plus retrieval metrics, from one embedding pass.
+
+    ``is_query``: the query-gallery protocol's query rows (``retrieval_metrics``); triplets are
+    drawn from all rows either way."""
     a, p, n = fixed_triplets(labels, seed)
     result = triplet_metrics(embeddings[a], embeddings[p], embeddings[n], margin)
-    result.update(retrieval_metrics(embeddings, labels, with_nmi=with_nmi))
+    result.update(retrieval_metrics(embeddings, labels, with_nmi=with_nmi, is_query=is_query))
     return result
 
 

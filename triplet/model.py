@@ -1,7 +1,11 @@
-"""EmbeddingNet: a torchvision ResNet trunk, a linear projection, L2-normalised output.
+"""EmbeddingNet: any torchvision classification trunk, a linear projection, L2-normalised output.
 
-The model is rebuilt from ``model_args`` (backbone, embedding_dim) alone, which every
-checkpoint stores, so evaluation and export need nothing else.
+The trunk comes from torchvision's model registry (``get_model``); its classifier (the last
+linear layer that maps to the 1,000 ImageNet classes) is replaced by ``nn.Identity`` and the
+embedding head reads the features that layer read, so ResNets, ConvNeXts, EfficientNets,
+MobileNets, RegNets, ViTs and Swins all work the same way. The model is rebuilt from
+``model_args`` (backbone, embedding_dim, image_size) alone, which every checkpoint stores, so
+evaluation and export need nothing else.
 """
 import os
 import urllib.error
@@ -12,23 +16,54 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
+from triplet.backbones import check_backbone
 from triplet.checkpoint import torch_load
 from triplet.errors import UserError
 
-BACKBONES = {
-    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
-}
+IMAGENET_CLASSES = 1000
+# Models whose training-mode forward would return auxiliary outputs: build them without.
+BUILD_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                 "inception_v3": {"aux_logits": False, "init_weights": True}}
+
+
+def find_classifier(trunk):
+    """The dotted name and module of the last linear layer that outputs the ImageNet classes."""
+    found = [(name, m) for name, m in trunk.named_modules()
+             if isinstance(m, nn.Linear) and m.out_features == IMAGENET_CLASSES]
+    return found[-1] if found else (None, None)
+
+
+def _replace(root, dotted, module):
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def build_trunk(backbone, image_size=None):
+    """A randomly initialised torchvision trunk without its classifier; (trunk, feature size, classifier name).
+
+    Models tied to one input size (ViTs) are built for ``image_size`` when it differs from their default.
+    """
+    check_backbone(backbone)
+    trunk = models.get_model(backbone, weights=None, **BUILD_OPTIONS.get(backbone, {}))
+    native = getattr(trunk, "image_size", None)
+    if isinstance(native, int) and image_size and image_size != native:
+        try:
+            trunk = models.get_model(backbone, weights=None, image_size=image_size)
+        except (AssertionError, ValueError) as e:
+            raise UserError(f"--image-size {image_size}: {backbone} cannot be built for it ({e}); use a "
+                            f"multiple of its patch size, such as {native}") from e
+    name, classifier = find_classifier(trunk)
+    if classifier is None:
+        raise UserError(f"--backbone {backbone}: has no linear classifier to replace with an embedding "
+                        f"head; choose another torchvision model")
+    _replace(trunk, name, nn.Identity())
+    return trunk, classifier.in_features, name
 
 
 class EmbeddingNet(nn.Module):
-    def __init__(self, backbone="resnet18", embedding_dim=128):
+    def __init__(self, backbone="resnet18", embedding_dim=128, image_size=None):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise UserError(f"--backbone {backbone!r}: unknown; choose one of {', '.join(BACKBONES)}")
-        self.trunk = BACKBONES[backbone][0](weights=None)
-        features = self.trunk.fc.in_features
-        self.trunk.fc = nn.Identity()
+        self.trunk, features, self.classifier_name = build_trunk(backbone, image_size)
         self.head = nn.Linear(features, embedding_dim)
 
     def forward(self, images):
@@ -37,8 +72,8 @@ class EmbeddingNet(nn.Module):
 
 
 def imagenet_state_dict(backbone):
-    """torchvision's ImageNet weights through its own API (cached under the torch hub folder)."""
-    weights = BACKBONES[backbone][1]
+    """The backbone's default ImageNet weights through torchvision's weights API (cached by torch hub)."""
+    weights = models.get_model_weights(backbone).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     try:
         return weights.get_state_dict(progress=True, check_hash=False)
@@ -60,14 +95,25 @@ def load_state_dict_file(path):
     return state
 
 
-def build_model(backbone="resnet18", embedding_dim=128, weights="none"):
+def trunk_weights(state, classifier_name):
+    """A torchvision (or our checkpoint's) state dict without the classifier, auxiliary heads or our head."""
+    state = {k.removeprefix("trunk."): v for k, v in state.items() if not k.startswith("head.")}
+    return {k: v for k, v in state.items()
+            if not k.startswith(classifier_name + ".") and not k.lower().startswith(("aux", "auxlogits"))}
+
+
+def build_model(backbone="resnet18", embedding_dim=128, weights="none", image_size=None):
     """A fresh EmbeddingNet; ``weights`` is 'imagenet', 'none' or a path to a trunk state dict."""
-    model = EmbeddingNet(backbone, embedding_dim)
+    model = EmbeddingNet(backbone, embedding_dim, image_size)
     if weights == "none":
         return model
     state = imagenet_state_dict(backbone) if weights == "imagenet" else load_state_dict_file(weights)
-    state = {k.removeprefix("trunk."): v for k, v in state.items() if not k.startswith(("fc.", "head."))}
-    missing, unexpected = model.trunk.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.trunk.load_state_dict(trunk_weights(state, model.classifier_name), strict=False)
+    except RuntimeError as e:  # a shape mismatch, such as a ViT's position embedding at another input size
+        raise UserError(f"--weights {weights}: does not fit a {backbone} trunk at --image-size {image_size} "
+                        f"(train at the size the weights were made for, 224 for torchvision's): "
+                        f"{str(e).splitlines()[-1].strip()}") from e
     if missing or unexpected:
         raise UserError(f"--weights {weights}: does not match a {backbone} trunk "
                         f"({len(missing)} missing keys, {len(unexpected)} unexpected, e.g. "

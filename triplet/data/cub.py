@@ -243,13 +243,14 @@ def _carve_count(n, fraction):
     return min(n - 2, max(2, math.ceil(n * fraction)))
 
 
-def make_splits(records, protocol="official", val_fraction=0.1, seed=0):
+def make_splits(records, protocol="official", val_fraction=0.1, seed=0, test_classes=None):
     """Return {"train", "val", "test"} lists of records for one of the two protocols.
 
     official: CUB's own train_test_split.txt (the study's protocol); validation is a stratified
     share of each class's training images. classes: classes 1-100 train, 101-200 test (the
     zero-shot protocol of the metric-learning literature; by class rank, so any class count
-    works); validation is a set of whole held-out training classes.
+    works; ``test_classes`` names another set); validation is a set of whole held-out training
+    classes.
     """
     rng = np.random.default_rng(seed)
     class_ids = sorted({r.class_id for r in records})
@@ -264,9 +265,11 @@ def make_splits(records, protocol="official", val_fraction=0.1, seed=0):
         val = [r for r in train if r.image_id in val_ids]
         train = [r for r in train if r.image_id not in val_ids]
     elif protocol == "classes":
-        half = len(class_ids) // 2
-        train_classes, test_classes = class_ids[:half], set(class_ids[half:])
-        val_classes = set(int(c) for c in rng.permutation(train_classes)[:_carve_count(half, val_fraction)])
+        if test_classes is None:
+            test_classes = set(class_ids[len(class_ids) // 2:])
+        train_classes = [c for c in class_ids if c not in test_classes]
+        carve = _carve_count(len(train_classes), val_fraction)
+        val_classes = set(int(c) for c in rng.permutation(train_classes)[:carve])
         test = [r for r in records if r.class_id in test_classes]
         val = [r for r in records if r.class_id in val_classes]
         train = [r for r in records if r.class_id not in test_classes and r.class_id not in val_classes]

@@ -1,24 +1,32 @@
-"""The prepared copy of CUB that every later stage reads: decoded once, RGB, resized, manifests.
+"""The prepared copy that every later stage reads: decoded once, upright, RGB, resized, manifests.
+
+The images come from CUB's layout, a folder of class subfolders or a CSV manifest
+(``triplet.data.sources``); the prepared folder is the same for all of them.
 
 Decoding the original JPEGs (about 500x375, some grayscale, a few CMYK) on every access would
 cost more than the model on a GPU; the prepared copy has short side ``resize`` and three
 channels (JPEG, named ``.jpg``), and its manifests fix the splits. ``prepare.json`` is written
 last; re-running with the same options does nothing, or redoes only images that went missing.
 """
+import contextlib
+import functools
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from triplet.data import cub
+from triplet.data import sources
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
 from triplet.fileio import atomic_path, read_csv, read_json_object, write_csv, write_json
 
 MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
 SPLITS = ("train", "val", "test")
+LEAVE_ONE_OUT, QUERY_GALLERY = "leave-one-out", "query-gallery"
 
 
 @dataclass
@@ -27,8 +35,9 @@ class DataOptions:
     data_dir: str = field(default="data", metadata={"help": "folder that holds CUB_200_2011/ and prepared/"})
     split: str = field(default="official", metadata={
         "choices": ["official", "classes"],
-        "help": "official: CUB's train_test_split.txt (the study's protocol); classes: classes "
-                "1-100 train / 101-200 test (the zero-shot retrieval protocol)"})
+        "help": "official: CUB's train_test_split.txt (the study's protocol), or for your own images a "
+                "stratified --test-fraction of each class's images; classes: classes 1-100 train / 101-200 "
+                "test (the zero-shot retrieval protocol), or a seeded --test-fraction of your classes"})
     val_fraction: float = field(default=0.1, metadata={
         "help": "share of the training part carved out for validation (images per class for "
                 "official, whole classes for classes); never taken from the test set"})
@@ -96,48 +105,110 @@ def missing_images(prepared):
             for row in read_csv(prepared / f"{split}.csv", MANIFEST_FIELDS[:2]) if not (prepared / (row["path"] or "")).is_file()]
 
 
-def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS):
+def _check_splits(splits, dataset, protocol):
+    """Fail before (and again after) decoding: an empty split, or a class triplets cannot use."""
+    where = dataset.location
+    for name in ("train", "test"):
+        if not splits[name]:
+            raise UserError(f"{where}: the {name} split of --split {protocol} is empty; add images or "
+                            f"change --split/--test-fraction")
+        counts = Counter(r.class_name for r in splits[name])
+        lonely = sorted(c for c, n in counts.items() if n < 2)
+        if lonely:
+            example = next(r for r in splits[name] if r.class_name == lonely[0])
+            raise UserError(f"{where}: class {lonely[0]!r} has {counts[lonely[0]]} {name} image "
+                            f"({dataset.where(example.image_id)})"
+                            f"{f' and {len(lonely) - 1} more such classes' if len(lonely) > 1 else ''}; "
+                            f"triplets need at least two images of a class: add images or remove the class")
+
+
+def _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels=DEFAULT_MAX_PIXELS):
+    """Write every image into ``out/images``; return {image_id: error} of those skipped.
+
+    ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
+    """
+    if options.crop_bbox and dataset.kind in ("folder", "manifest"):
+        raise UserError(f"--crop-bbox: {dataset.location} has no bounding boxes (only CUB-layout sets do)")
+    from tqdm import tqdm
+    if workers < 0:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    jobs = {r.image_id: (dataset.files[r.image_id], out / "images" / prepared_relative_path(r.path), options.resize,
+                         r.bbox if options.crop_bbox else None, max_pixels) for r in dataset.records}
+    log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
+    bad = {}
+    with contextlib.ExitStack() as stack:
+        if workers == 0:
+            results = {image_id: functools.partial(_prepare_image, *job) for image_id, job in jobs.items()}
+        else:
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            results = {image_id: pool.submit(_prepare_image, *job).result for image_id, job in jobs.items()}
+            stack.callback(pool.shutdown, cancel_futures=True)  # on an error, skip what has not started
+        for image_id, result in tqdm(results.items(), desc="prepare", unit="img"):
+            try:
+                result()
+            except UserError as e:
+                line = f" (listed at {dataset.lines[image_id]})" if image_id in dataset.lines else ""
+                if not skip_bad:
+                    raise UserError(f"{e}{line}; or pass --skip-bad to leave such files out") from e
+                bad[image_id] = f"{e}{line}"
+    for error in bad.values():
+        log(f"skipped {error}")
+    if bad:
+        log(f"skipped {len(bad)} unreadable image(s) of {len(dataset.records)} (--skip-bad); listed in prepare.json")
+    return bad
+
+
+def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, dataset=None, test_fraction=0.2,
+            skip_bad=False):
     """Build (or find) the prepared copy for ``options``; return its folder.
 
     ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
     A complete copy is left alone; one with images missing is completed (existing images kept).
+    ``dataset``: a ``triplet.data.sources.Dataset`` (default: the CUB layout in ``options.data_dir``);
+    ``test_fraction`` splits a folder or a split-less manifest; ``skip_bad`` leaves unreadable images out.
     """
     out = prepared_dir(options)
     marker = out / "prepare.json"
-    if marker.exists() and read_json_object(marker).get("options") == _data_options(options):
-        missing = missing_images(out)
-        if not missing:
-            log(f"{out}: already prepared with these options; nothing to do")
-            return out
-        log(f"{out}: {len(missing)} prepared image(s) missing (first: {missing[0]}); preparing them again")
-    root = Path(options.data_dir) / "CUB_200_2011"
-    records = cub.read_metadata(root)
-    splits = cub.make_splits(records, options.split, options.val_fraction, options.split_seed)
-    for name, part in splits.items():
-        if not part and name != "val":
-            raise UserError(f"{root}: the {name} split of --split {options.split} is empty")
-    jobs = [(root / "images" / r.path, out / "images" / prepared_relative_path(r.path), options.resize,
-             r.bbox if options.crop_bbox else None, max_pixels) for r in records]
-    if workers < 0:
-        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
-    from tqdm import tqdm
-    if workers == 0:
-        for job in tqdm(jobs, desc="prepare", unit="img"):
-            _prepare_image(*job)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_prepare_image, *job) for job in jobs]
-            for future in tqdm(futures, desc="prepare", unit="img"):
-                future.result()
+    dataset = dataset or sources.from_cub(options.data_dir)
+    identity = {**dataset.info(), "listed": len(dataset.records)}
+    if dataset.kind in ("folder", "manifest") and dataset.splits is None:
+        identity["test_fraction"] = test_fraction
+    if marker.exists():
+        previous = read_json_object(marker)
+        before = previous.get("dataset", {})
+        if before and (before.get("kind"), before.get("name")) != (dataset.kind, dataset.name):
+            raise UserError(f"{out}: holds a prepared copy of {before.get('source')}, not {identity['source']}; "
+                            f"pass another --data-dir")
+        if previous.get("options") == _data_options(options) and before == identity \
+                and previous.get("skip_bad", False) == skip_bad:
+            missing = missing_images(out)
+            if not missing:
+                log(f"{out}: already prepared with these options; nothing to do")
+                return out
+            log(f"{out}: {len(missing)} prepared image(s) missing (first: {missing[0]}); preparing them again")
+
+    def split(records):
+        return sources.make_splits(dataset, records, options.split, test_fraction, options.val_fraction,
+                                   options.split_seed)
+
+    _check_splits(split(dataset.records), dataset, options.split)
+    bad = _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels)
+    splits = split([r for r in dataset.records if r.image_id not in bad])
+    _check_splits(splits, dataset, options.split)
+    if dataset.roles:
+        for role in ("query", "gallery"):
+            splits[role] = [r for r in splits["test"] if dataset.roles[r.image_id] == role]
     for name, part in splits.items():
         rows = [{"path": f"images/{prepared_relative_path(r.path)}", "class_id": r.class_id, "class_name": r.class_name,
                  "image_id": r.image_id} for r in part]
         write_csv(out / f"{name}.csv", rows, MANIFEST_FIELDS)
     counts = {name: len(part) for name, part in splits.items()}
     classes = {name: len({r.class_id for r in part}) for name, part in splits.items()}
-    write_json(marker, {"options": _data_options(options), "images": counts, "classes": classes})
-    log(f"prepared {counts} images ({classes} classes) in {out}")
+    write_json(marker, {"options": _data_options(options), "dataset": identity,
+                        "protocol": QUERY_GALLERY if dataset.roles else LEAVE_ONE_OUT, "images": counts,
+                        "classes": classes, "skip_bad": skip_bad,
+                        "skipped": [{"file": str(dataset.files[i]), "error": e} for i, e in bad.items()]})
+    log(f"prepared {counts} images ({classes} classes) of {dataset.name} ({dataset.kind}) in {out}")
     return out
 
 
@@ -165,6 +236,21 @@ def missing_prepared_message(prepared):
     return text
 
 
+def query_mask(prepared, paths):
+    """For the query-gallery protocol: which of ``paths`` (the test split) are queries; else None."""
+    if read_prepare_info(prepared)["protocol"] != QUERY_GALLERY:
+        return None
+    queries = set(read_manifest(prepared, "query")[0])
+    return np.array([p in queries for p in paths])
+
+
+def read_prepare_info(prepared):
+    """The dataset (name, kind, source) and evaluation protocol recorded in a prepared folder's prepare.json."""
+    marker = Path(prepared) / "prepare.json"
+    info = read_json_object(marker) if marker.exists() else {}
+    dataset = info.get("dataset") or {"name": "unknown", "kind": "unknown", "source": ""}
+    return {"dataset": {k: dataset.get(k) for k in ("name", "kind", "source")},
+            "protocol": info.get("protocol", LEAVE_ONE_OUT)}
 def read_manifest(prepared, split):
     """Return (absolute image paths, class ids) of one split of a prepared folder, checked."""
     prepared = Path(prepared)

@@ -21,8 +21,8 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "resize_size_for", "load_image", "Tr
 
 
 def load_image(path):
-    """Decode any JPEG/PNG to a 3xHxW uint8 tensor; grayscale and CMYK come out RGB."""
-    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    """Decode any JPEG/PNG to an upright (EXIF orientation applied) 3xHxW uint8 RGB tensor."""
+    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
 
 
 class TrainTransform:

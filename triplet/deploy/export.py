@@ -21,7 +21,7 @@ from triplet.errors import QualityGateError, UserError
 from triplet.fileio import atomic_path
 from triplet.deploy.inference import OnnxEmbedder, encode_metadata
 from triplet.metrics import retrieval_metrics
-from triplet.data.prepare import prepared_dir, read_manifest, run_data_options
+from triplet.data.prepare import prepared_dir, query_mask, read_manifest, run_data_options
 from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
 from triplet.runs import find_runs, read_metrics, require_run_dir
 from triplet.data.transforms import EvalTransform
@@ -164,7 +164,10 @@ def quantize_int8(fp32_path, out_path, batches, metadata):
     from onnxruntime.quantization.shape_inference import quant_pre_process
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + fusions the quantiser expects
+        try:  # shape inference + fusions the quantiser expects
+            quant_pre_process(str(fp32_path), str(prepared))
+        except AssertionError:  # symbolic inference fails on a ViT's dynamic-batch reshape; ONNX's own suffices
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out_path), _Batches(batches), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
@@ -176,13 +179,14 @@ def image_batches(embedder, paths, batch_size=32):
         yield embedder.preprocess(paths[i:i + batch_size])
 
 
-def precision_at_1(embedders, paths, labels, batch_size=64):
-    """Test Precision@1 of each model, every image preprocessed once for all of them."""
+def precision_at_1(embedders, paths, labels, batch_size=64, is_query=None):
+    """Test Precision@1 of each model (under the run's retrieval protocol), every image preprocessed once."""
     outputs = [[] for _ in embedders]
     for batch in image_batches(embedders[0], paths, batch_size):
         for out, embedder in zip(outputs, embedders):
             out.append(embedder.run(batch))
-    return [retrieval_metrics(np.concatenate(out), labels, with_nmi=False)["precision_at_1"] for out in outputs]
+    return [retrieval_metrics(np.concatenate(out), labels, with_nmi=False, is_query=is_query)["precision_at_1"]
+            for out in outputs]
 
 
 def _keep_aside(tmp, path):
@@ -217,7 +221,8 @@ def export_run(run_dir, out, int8=False, calibration_images=300, max_drop=1.0, v
     log(f"quantising to INT8 (static QDQ, per-channel U8S8), calibrated on {len(calibration)} training images")
     with atomic_path(int8_out) as tmp:
         quantize_int8(out, tmp, image_batches(fp32, calibration), metadata)
-        p_fp32, p_int8 = precision_at_1([fp32, OnnxEmbedder(tmp)], test_paths, test_labels)
+        p_fp32, p_int8 = precision_at_1([fp32, OnnxEmbedder(tmp)], test_paths, test_labels,
+                                        is_query=query_mask(prepared_dir(data), test_paths))
         drop = p_fp32 - p_int8
         log(f"test Precision@1 on {len(test_paths)} images: fp32 {p_fp32:.2f} (torch, metrics.json: "
             f"{metrics.get('precision_at_1', float('nan')):.2f}), INT8 {p_int8:.2f} (drop {drop:.2f} points, "

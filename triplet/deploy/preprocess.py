@@ -1,7 +1,7 @@
 """The evaluation preprocessing, in NumPy and Pillow only: the one contract torch and ONNX share.
 
 Evaluation in torch and the deployed ONNX embedder both call ``preprocess``, so their inputs
-are identical by construction: decode with Pillow, convert to RGB, resize the short side to
+are identical by construction: decode with Pillow, apply the EXIF orientation, convert to RGB, resize the short side to
 ``resize_size`` (bilinear, antialiased), centre-crop ``image_size`` (torchvision's rounding),
 scale to [0, 1] and normalise. No torch import here: deployment needs only NumPy and Pillow.
 """
@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from triplet.errors import UserError
 
@@ -46,12 +46,14 @@ def to_8bit(image):
 def open_rgb(source, max_pixels=DEFAULT_MAX_PIXELS):
     """A path or a PIL image -> an RGB PIL image: the one decoder of prepare, evaluation and search.
 
-    Sizes are checked against ``max_pixels`` before decoding, high-bit-depth greyscale is scaled
-    to 8 bits, and any failure names the file in one line.
+    Sizes are checked against ``max_pixels`` before decoding, a photo stored sideways with an EXIF
+    orientation tag is turned upright (as viewers show it, and training's decoder does, so it embeds
+    like its upright twin), high-bit-depth greyscale is scaled to 8 bits, and any failure names the
+    file in one line.
     """
     if isinstance(source, Image.Image):
         check_pixels(source.size, "image", max_pixels)
-        return to_8bit(source).convert("RGB")
+        return to_8bit(ImageOps.exif_transpose(source)).convert("RGB")
     # Pillow's own guard (warns above its limit, refuses at twice it) follows ours for this call.
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
     try:
@@ -59,7 +61,7 @@ def open_rgb(source, max_pixels=DEFAULT_MAX_PIXELS):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_pixels says it in one line
             with Image.open(source) as image:
                 check_pixels(image.size, source, max_pixels)
-                return to_8bit(image).convert("RGB")
+                return to_8bit(ImageOps.exif_transpose(image)).convert("RGB")
     except Image.DecompressionBombError as e:
         raise UserError(f"{source}: over the limit of {max_pixels / 1e6:g} megapixels ({e}); shrink the image, "
                         f"or raise --max-pixels if you trust it") from e

@@ -1,10 +1,12 @@
 """results/REPORT.md: every evaluated run beside the numbers the study published for it.
 
 The report is rebuilt from the run folders alone (metrics.json, config.json, the figures), so it
-can never drift from the results: a summary table ranked by test Precision@1, then one section
-per run with the study's metrics side by side, our extra retrieval metrics, links to the figures
-and the exact commands that made the run. A folder named ``exp{1-6}-{backbone}`` is matched to
-the study's table for that experiment and backbone (``triplet.reporting.study``); any other name is ours.
+can never drift from the results: summary tables ranked by test Precision@1, one per dataset
+(runs on different images are not comparable), then one section per run with our retrieval
+metrics, links to the figures and the exact commands that made the run. A run on CUB-200-2011
+in a folder named ``exp{1-6}-{backbone}`` whose options are that experiment's is set beside the
+study's published numbers (``triplet.reporting.study``); no other run is. A metrics.json older
+than its run's last checkpoint (training went on after evaluation) is flagged as stale.
 """
 import re
 import shlex
@@ -12,10 +14,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from triplet.reporting import study
+from triplet.reporting.collect import dataset_label, load_runs, untrained_metrics
 from triplet.reporting.demo import demo_paragraph, is_demo
 from triplet.errors import UserError
 from triplet.fileio import write_text
-from triplet.runs import describe_recipe, find_runs, read_config, read_metrics
+from triplet.runs import describe_recipe
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.
 ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
@@ -30,7 +33,9 @@ BENCHMARKS = [("onnx_benchmark.md", "ONNX inference benchmark"), ("train_benchma
 DASH = "—"
 
 NOTES = f"""\
-Each run is compared with the numbers published in {study.SOURCE}. How to read the comparison:
+Runs are grouped by the dataset they were tested on. A run on CUB-200-2011 whose folder and
+options match one of the study's experiments (for example `make exp1`) is compared with the
+numbers published in {study.SOURCE}. How to read the comparison:
 
 - The study's "Top-1 Accuracy" is the **triplet accuracy**: the share of test triplets (anchor,
   positive, negative) whose positive lies nearer the anchor than the negative. It is not a
@@ -50,26 +55,6 @@ def fmt(value, decimals):
 def natural_key(name):
     """``exp2`` before ``exp10``: digits compare as numbers."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def load_runs(results_dir, log=print):
-    """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped."""
-    runs = []
-    numeric = [key for key, _, _ in ROWS] + ["epoch", "num_images", "num_classes", "embedding_dim", "image_size"]
-    for run_dir, metrics in sorted(find_runs(results_dir, log, numeric), key=lambda r: r[0]):
-        try:
-            config = read_config(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
-            untrained = run_dir / "metrics_untrained.json"
-            untrained = read_metrics(untrained, numeric) if untrained.exists() else None
-        except UserError as e:
-            log(f"warning: skipping {run_dir}: {e}")
-            continue
-        runs.append({"name": run_dir.name, "dir": run_dir, "metrics": metrics,
-                     "options": config.get("options", {}),
-                     "runtime_options": {k for k, role in config.get("option_roles", {}).items() if role == "runtime"},
-                     "environment": config.get("environment", {}),
-                     "baseline": metrics.get("checkpoint") == "none", "untrained": untrained})
-    return runs
 
 
 def train_command(run_dir, options, runtime=()):
@@ -109,40 +94,44 @@ def evaluate_command(run_dir, metrics, options):
     return " ".join(args)
 
 
-def untrained_metrics(run, by_name):
-    """The untrained trunk's metrics for ``run``: its own metrics_untrained.json, else those of a
-    baseline-{backbone} folder tested on the same images at the same size (a demo run on synthetic
-    data must not be compared with a CUB baseline)."""
-    if run["untrained"]:
-        return run["untrained"]
-    m = run["metrics"]
-    baseline = by_name.get(f"baseline-{m.get('backbone')}")
-    if not baseline or baseline is run:
-        return None
-    same_test = all(baseline["metrics"].get(k) == m.get(k) for k in ("split", "num_images", "num_classes", "image_size"))
-    return baseline["metrics"] if same_test else None
+def test_images(metrics):
+    n = metrics.get("num_images", DASH)
+    return f"{n} ({metrics['num_queries']} queries)" if metrics.get("protocol") == "query-gallery" else n
 
 
-def summary(runs):
-    """All runs ranked by test Precision@1; the best trained run is marked."""
+def ranking(runs):
+    """One dataset's runs ranked by test Precision@1; the best trained run is marked."""
     ranked = sorted(runs, key=lambda r: -r["metrics"].get("precision_at_1", float("-inf")))
     trained = [r for r in ranked if not r["baseline"]]
     best = trained[0] if trained else None
-    lines = ["| Rank | Run | Backbone | Epochs | LR | Batch | Mining | Test images | Test P@1 | P@5 | P@10 | "
-             "MAP@R | Triplet acc. | Study P@1 |", "|" + "---|" * 14]
+    lines = ["| Rank | Run | Dataset | Classes | Image size | Backbone | Epochs | LR | Batch | Mining | Test images | "
+             "Test P@1 | P@5 | P@10 | MAP@R | Triplet acc. | Study P@1 |", "|" + "---|" * 17]
     for rank, run in enumerate(ranked, 1):
-        m, o, key = run["metrics"], run["options"], study.study_key(run["name"])
+        m, o, key = run["metrics"], run["options"], run["study"]
         p1 = fmt(m.get("precision_at_1"), 2)
         mark = " **best**" if run is best else ""
         epochs = "0 (untrained)" if run["baseline"] else o.get("epochs", DASH)
-        cells = [f"{rank}{mark}", f"[{run['name']}](#{anchor(run['name'])})", m.get("backbone", DASH), epochs,
+        name = f"[{run['name']}](#{anchor(run['name'])})" + (" ⚠ stale" if run["stale"] else "")
+        cells = [f"{rank}{mark}", name, dataset_label(run), m.get("num_classes", DASH), m.get("image_size", DASH),
+                 m.get("backbone", DASH), epochs,
                  DASH if run["baseline"] else o.get("lr", DASH), DASH if run["baseline"] else o.get("batch_size", DASH),
-                 DASH if run["baseline"] else o.get("mining", DASH), m.get("num_images", DASH),
+                 DASH if run["baseline"] else o.get("mining", DASH), test_images(m),
                  f"**{p1}**" if mark else p1,
                  fmt(m.get("precision_at_5"), 2), fmt(m.get("precision_at_10"), 2), fmt(m.get("map_at_r"), 2),
                  fmt(m.get("triplet_accuracy"), 2), fmt(study.STUDY[key]["precision_at_1"], 2) if key else DASH]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def summary(runs):
+    """One ranking per dataset, CUB-200-2011 first: runs on different images are not comparable."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(dataset_label(run), []).append(run)
+    parts = []
+    for label in sorted(groups, key=lambda g: (groups[g][0]["dataset"]["kind"] != "cub", g)):
+        parts += [f"### {label}", "", ranking(groups[label]), ""]
+    return "\n".join(parts).rstrip()
 
 
 def anchor(name):
@@ -156,8 +145,12 @@ def describe(run):
         text = f"untrained {m.get('backbone', '?')} trunk (weights {o.get('weights', 'imagenet')}), no training"
     else:
         text = f"{describe_recipe(o)}; checkpoint of epoch {m.get('epoch', '?')}"
+    protocol = m.get("protocol", "leave-one-out")
+    if protocol == "query-gallery":
+        protocol += f": {m.get('num_queries', '?')} queries against {m.get('num_gallery', '?')} gallery images"
     text += (f"; embedding {m.get('embedding_dim', '?')}-d, image size {m.get('image_size', '?')}; tested on "
-             f"{m.get('num_images', '?')} images of {m.get('num_classes', '?')} classes ({m.get('split', '?')} split).")
+             f"{m.get('num_images', '?')} images of {m.get('num_classes', '?')} classes of {dataset_label(run)} "
+             f"({m.get('split', '?')} split, {protocol} retrieval).")
     if env:
         commit = (env.get("git_commit") or "unknown")[:10]
         text += (f" Ran on {env.get('device', '?')} ({env.get('precision', '?')}, world size "
@@ -166,10 +159,19 @@ def describe(run):
 
 
 def run_section(run, by_name):
-    m, key = run["metrics"], study.study_key(run["name"])
+    m, key = run["metrics"], run["study"]
     published = study.STUDY.get(key, {})
     untrained = untrained_metrics(run, by_name)
     lines = [f"## {run['name']}", ""]
+    if run["stale"]:
+        lines += [f"**Stale:** metrics.json is older than checkpoint_last.pt (training went on after the "
+                  f"evaluation, e.g. with --resume); re-run `python scripts/evaluate.py --run "
+                  f"{shlex.quote(str(run['dir']))}`.", ""]
+    named = study.study_key(run["name"])
+    if named and not key and not run["baseline"]:
+        lines += [f"Named after the study's experiment {named[0][3:]}, but not comparable with it: the study ran on "
+                  f"CUB-200-2011 with {', '.join(f'{k} {v}' for k, v in {**study.EXPERIMENTS[named[0]], **study.PROTOCOL}.items())}"
+                  f" (this run: {dataset_label(run)}); so no study columns.", ""]
     if key:
         hp = study.EXPERIMENTS[key[0]]
         lines += [f"Study: experiment {key[0][3:]} with {key[1].replace('resnet', 'ResNet')} (Tables "
@@ -177,13 +179,13 @@ def run_section(run, by_name):
     lines += [f"This run: {describe(run)}", ""]
     if is_demo(run["name"]) and run["untrained"] and not run["baseline"]:
         lines += [demo_paragraph(m, run["untrained"]), ""]
-    header = ["Metric", "This run", "Study"] + (["Δ (run − study)"] if key else []) + \
+    header = ["Metric", "This run"] + (["Study", "Δ (run − study)"] if key else []) + \
         (["Untrained trunk"] if untrained else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label, decimals in ROWS:
         ours, theirs = m.get(name), published.get(name)
         delta = DASH if ours is None or theirs is None else f"{ours - theirs:+.{decimals}f}"
-        cells = [label, fmt(ours, decimals), fmt(theirs, decimals)] + ([delta] if key else [])
+        cells = [label, fmt(ours, decimals)] + ([fmt(theirs, decimals), delta] if key else [])
         if untrained:
             cells.append(fmt(untrained.get(name), decimals))
         lines.append("| " + " | ".join(cells) + " |")
@@ -213,14 +215,15 @@ def build_report(results_dir, log=print):
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise UserError(f"--results {results_dir}: folder not found")
-    runs = load_runs(results_dir, log)
+    numeric = [key for key, _, _ in ROWS] + ["epoch", "num_images", "num_classes", "embedding_dim", "image_size"]
+    runs = load_runs(results_dir, log, numeric)
     if not runs:
         raise UserError(f"--results {results_dir}: no evaluated runs (no */metrics.json); run "
                         f"python scripts/evaluate.py --run RUN_DIR first")
     by_name = {run["name"]: run for run in runs}
     parts = ["# Results", "", NOTES, "## Summary", "",
-             "All runs, best test Precision@1 first (the best trained run is marked; an untrained trunk "
-             "shows what training adds).", "", summary(runs)]
+             "All runs, by dataset, best test Precision@1 first (the best trained run of each dataset is "
+             "marked; an untrained trunk shows what training adds).", "", summary(runs)]
     for run in sorted(runs, key=lambda r: (r["baseline"], natural_key(r["name"]))):
         parts += ["", run_section(run, by_name)]
     for file, title in BENCHMARKS:

@@ -57,6 +57,21 @@ STUDY = {
 _RUN_NAME = re.compile(r"^(exp[1-6])-(resnet18|resnet34)$")
 
 
+# How every study experiment was run, besides its epochs, lr and batch size (Makefile exp1-6).
+PROTOCOL = {"mining": "none", "split": "official", "image_size": 224, "weights": "imagenet", "margin": 1.0}
+
+
+def matching_experiment(run_name, options, dataset_kind):
+    """The study's (experiment, backbone) a run can be compared with: its folder is named after
+    one, it ran on the real CUB, and its options are that experiment's; None otherwise (a 2-epoch
+    synthetic run named ``exp1-resnet18`` is not the study's experiment 1)."""
+    key = study_key(run_name)
+    if key is None or dataset_kind != "cub":
+        return None
+    expected = {**PROTOCOL, **EXPERIMENTS[key[0]], "backbone": key[1]}
+    return key if all(options.get(k) == v for k, v in expected.items()) else None
+
+
 def study_key(run_name):
     """``("exp1", "resnet18")`` for a run folder named ``exp1-resnet18``; None for any other name
     or for a pair the study did not run (exp5/exp6 exist only for ResNet18)."""
