@@ -198,7 +198,7 @@ demo-study: | setup
 	$(PY) scripts/report.py --results $(RESULTS)
 	$(PY) scripts/report.py --demo-table $(DEMO_STUDY_RUN)
 
-## readme: rewrite the README's script reference from every script's --help (a test checks it)
+## readme: rewrite docs/scripts.md from every --help and, after make demo, the README's demo table (tests check both)
 readme: | setup
 	UPDATE_README=1 $(PY) -m pytest -q tests/test_readme.py
 

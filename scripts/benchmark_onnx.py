@@ -22,18 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from triplet.bench.cpu import cpu_seconds, others_cell, others_share
-from triplet.bench.timing import write_results
+
 from triplet.cli import check, run
-from triplet.runtime import cpu_has_bf16, cpu_name, usable_cores
-from triplet.deploy.export import export_model, quantize_int8
 from triplet.deploy.inference import OnnxEmbedder
 from triplet.backbones import DEFAULT_BACKBONE, check_backbone
-from triplet.model import EmbeddingNet
 from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_size_for
-
 
 
 @dataclass
@@ -77,6 +72,8 @@ def time_calls(fn, batch, iterations, warmup):
 
 def torch_runner(model, channels_last=False, bf16=False):
     """A batch -> embeddings callable on a private copy (``Module.to`` converts in place)."""
+    import torch
+
     model = copy.deepcopy(model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     @torch.inference_mode()
@@ -109,6 +106,11 @@ def measure(settings, inputs, opts):
 
 def prepare_models(opts, folder):
     """(fp32 path, int8 path, metadata): the given model, or a random-init one exported here."""
+    import torch  # torch and the model are imported where used, so that --help is instant
+
+    from triplet.deploy.export import export_model, quantize_int8
+    from triplet.model import EmbeddingNet
+
     if opts.model:
         fp32 = Path(opts.model)
         metadata = OnnxEmbedder(fp32).metadata
@@ -149,6 +151,12 @@ def markdown(report):
 
 
 def main(opts):
+    import torch
+
+    from triplet.bench.timing import write_results
+    from triplet.model import EmbeddingNet
+    from triplet.runtime import cpu_has_bf16, cpu_name, usable_cores
+
     threads = opts.threads or usable_cores()
     torch.set_num_threads(threads)
     notes = []

@@ -39,27 +39,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from triplet.bench.timing import (
-    GMACS_224,
-    forward_gflop,
-    in_fresh_process,
-    train_gflop_per_triplet,
-    write_results,
-)
-from triplet.bench.reference import reference_train
+from triplet.backbones import STUDY_BACKBONES, check_backbone
 from triplet.bench.tables import RATIO_KEYS, peak_mb, training_table
 from triplet.cli import check, run
 from triplet.data.layout import ROOT
-from triplet.data.datasets import check_triplet_ready
-from triplet.backbones import STUDY_BACKBONES, check_backbone
 from triplet.data.prepare import DataOptions, prepare, prepared_dir, read_manifest
-from triplet.bench.speed import (
-    data_path_speed,
-    embedding_speed,
-    probe_machine,
-    profile_training_step,
-    training_speed,
-)
 from triplet.data.synthetic import make_synthetic_cub
 
 
@@ -155,6 +139,10 @@ def combine(rows):
 
 
 def benchmark_backbone(opts, machine, backbone, train, test):
+    from triplet.bench.reference import reference_train
+    from triplet.bench.speed import embedding_speed, profile_training_step, training_speed
+    from triplet.bench.timing import forward_gflop, in_fresh_process, train_gflop_per_triplet
+
     device, peaks = machine["device"], machine["matmul_peak_gflops"]
     suite_paths, labels, originals = train
     common = dict(device=device, backbone=backbone, labels=labels, image_size=opts.image_size,
@@ -206,6 +194,11 @@ def benchmark_backbone(opts, machine, backbone, train, test):
 
 
 def main(opts):
+    # torch and everything over it are imported here, not at the top, so that --help is instant
+    from triplet.bench.speed import data_path_speed, probe_machine
+    from triplet.bench.timing import gmacs_224, in_fresh_process, write_results
+    from triplet.data.datasets import check_triplet_ready
+
     machine = in_fresh_process(probe_machine, device=opts.device)  # first: a bad --device fails fast
     cuda = machine["device"].startswith("cuda")
     if opts.steps == -1:
@@ -234,7 +227,7 @@ def main(opts):
                      "rounds": opts.rounds,
                      "warmup": opts.warmup, "eval_batch_size": opts.eval_batch_size,
                      "synthetic_size": opts.synthetic_size, "images": opts.classes * opts.per_class,
-                     "resize": opts.resize, "gmacs_224": {b: GMACS_224[b] for b in opts.backbones}},
+                     "resize": opts.resize, "gmacs_224": {b: gmacs_224(b) for b in opts.backbones}},
         "machine": machine,
         "memory": "peak_rss_mb: VmHWM of the measuring process (Linux), DataLoader workers excluded; "
                   "worker_peak_rss_mb: the largest worker's, pages shared with the main process included; "

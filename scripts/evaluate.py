@@ -16,18 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from triplet import engine, runs, runtime
-from triplet.checkpoint import checkpoint_options, model_from_checkpoint
-from triplet.cli import check, run
-from triplet.data.datasets import ImageDataset
-from triplet.fileio import atomic_path, write_json
+from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, check_backbone
-from triplet.model import build_seeded_model
+from triplet.cli import check, run
 from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
                                   run_data_options)
-from triplet.data.transforms import EvalTransform
+from triplet.fileio import atomic_path, write_json
 
 
 @dataclass
@@ -57,6 +52,9 @@ class Options(DataOptions):
 
 def load_model(opts, run_dir):
     """Return (model, run options, info) for the requested checkpoint."""
+    from triplet.checkpoint import checkpoint_options, model_from_checkpoint
+    from triplet.model import build_seeded_model
+
     config_path = run_dir / "config.json"
     if opts.checkpoint == "none":
         if config_path.exists():
@@ -76,6 +74,13 @@ def load_model(opts, run_dir):
 
 
 def main(opts):
+    # torch and everything over it are imported here, not at the top, so that --help is instant
+    import torch
+
+    from triplet import engine, runtime
+    from triplet.data.datasets import ImageDataset
+    from triplet.data.transforms import EvalTransform
+
     run_dir = Path(opts.run)
     if opts.checkpoint != "none":
         runs.require_run_dir(run_dir, needs=None)

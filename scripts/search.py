@@ -27,9 +27,9 @@ from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 @dataclass
 class Options:
-    model: str = field(default="", metadata={"help": "exported model (scripts/export_onnx.py)"})
-    gallery: str = field(default="", metadata={"help": "folder of images to search (recursively)"})
-    query: list[str] = field(default_factory=list, metadata={"nargs": "+", "type": str,
+    model: str = field(default="", metadata={"required": True, "help": "exported model (scripts/export_onnx.py)"})
+    gallery: str = field(default="", metadata={"required": True, "help": "folder of images to search (recursively)"})
+    query: list[str] = field(default_factory=list, metadata={"required": True, "nargs": "+", "type": str,
                                                              "help": "one or more query images"})
     top_k: int = field(default=5, metadata={"help": "matches to print per query"})
     batch_size: int = field(default=64, metadata={"help": "images per onnxruntime call"})

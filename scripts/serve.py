@@ -27,8 +27,8 @@ from triplet.fileio import read_json
 
 @dataclass
 class Options:
-    model: str = field(default="", metadata={"help": "exported model (scripts/export_onnx.py)"})
-    gallery: str = field(default="", metadata={"help": "folder of images to search (recursively)"})
+    model: str = field(default="", metadata={"required": True, "help": "exported model (scripts/export_onnx.py)"})
+    gallery: str = field(default="", metadata={"required": True, "help": "folder of images to search (recursively)"})
     run: str = field(default="", metadata={"help": "run folder whose test_embeddings.npz the browse view "
                                            "shows (default: the model's source run, when on disk)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on; anything but loopback "

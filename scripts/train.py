@@ -14,22 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from triplet import distributed as dist
-from triplet import engine, runs, runtime
-from triplet.checkpoint import REQUIRED_KEYS, RESUME_KEYS, check_world_size, load_checkpoint, prepare_training, save_checkpoint
-from triplet.cli import check, plural, run
-from triplet.data.datasets import ImageDataset, check_triplet_ready
-from triplet.data.samplers import PKSampler, TripletBatchSampler
-from triplet.errors import UserError
-from triplet.mining import get_miner
+from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
-from triplet.model import build_seeded_model
+from triplet.cli import check, plural, run
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
-from triplet.seeding import seed_everything
-from triplet.data.gpu_cache import GpuCache, KeyDataset
-from triplet.data.transforms import EvalTransform, TrainTransform
+from triplet.errors import UserError
 
 
 @dataclass
@@ -91,6 +80,13 @@ class Options(DataOptions):
 def make_train_loader(opts, paths, labels, device, workers):
     """Offline triplets or PK batches, planned per epoch by a sampler; returns the loader, the
     sampler and the step that turns a batch into model input on the device."""
+    from triplet import distributed as dist
+    from triplet import engine
+    from triplet.data.datasets import ImageDataset
+    from triplet.data.gpu_cache import GpuCache, KeyDataset
+    from triplet.data.samplers import PKSampler, TripletBatchSampler
+    from triplet.data.transforms import TrainTransform
+
     shard = {"seed": opts.seed, "rank": dist.rank(), "world_size": dist.world_size()}
     sampler = (TripletBatchSampler(labels, opts.batch_size, **shard) if opts.mining == "none" else
                PKSampler(labels, opts.batch_size // opts.samples_per_class, opts.samples_per_class, **shard))
@@ -120,6 +116,19 @@ def format_row(row, epochs, improved):
 
 
 def main(opts):
+    # torch and everything over it are imported here, not at the top, so that --help is instant
+    import torch
+
+    from triplet import distributed as dist
+    from triplet import engine, runtime
+    from triplet.checkpoint import (REQUIRED_KEYS, RESUME_KEYS, check_world_size, load_checkpoint,
+                                    prepare_training, save_checkpoint)
+    from triplet.data.datasets import ImageDataset, check_triplet_ready
+    from triplet.data.transforms import EvalTransform
+    from triplet.mining import get_miner
+    from triplet.model import build_seeded_model
+    from triplet.seeding import seed_everything
+
     device = runtime.resolve_device(opts.device)  # first: the DDP backend follows the device
     dist.init_distributed(device)
     precision, precision_reason = runtime.choose_precision(opts.precision, device)
@@ -223,6 +232,8 @@ def main(opts):
 
 
 def interrupted_main(opts):
+    from triplet import distributed as dist
+
     try:
         main(opts)
     except KeyboardInterrupt:

@@ -63,3 +63,16 @@ def test_pyproject_declares_every_pinned_requirement_and_inference_needs_no_torc
     inference = {name(s) for s in project["dependencies"] + project["optional-dependencies"]["inference"]}
     assert inference.isdisjoint({"torch", "torchvision", "onnx", "matplotlib", "scikit-learn"})
     assert "onnxruntime" in inference
+
+
+@pytest.mark.parametrize("script, required", [("search", ["--model MODEL", "--gallery GALLERY", "--query QUERY"]),
+                                              ("evaluate", ["--run RUN"]), ("plot_embeddings", ["--run RUN"])])
+def test_required_options_are_shown_as_required(script, required):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": ""})
+    usage = result.stdout.split("\n\n")[0]
+    for option in required:
+        assert f" {option}" in usage and f"[{option}" not in usage, option
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "the following arguments are required" in missing.stderr

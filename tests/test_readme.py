@@ -2,7 +2,8 @@
 README links only to files that exist and stays a ten-minute read.
 
 ``make readme`` (``UPDATE_README=1 python -m pytest tests/test_readme.py``) rewrites
-docs/scripts.md from the current help texts; without it, a difference fails the test.
+docs/scripts.md from the current help texts and, after ``make demo``, the README's demo table
+from the demo's metrics.json files; without it, a difference fails the test.
 """
 import os
 import re
@@ -39,6 +40,28 @@ def test_script_reference_matches_help(monkeypatch):
         write_text(REFERENCE, expected)
     else:
         assert REFERENCE.read_text() == expected, "docs/scripts.md is out of date: run `make readme`"
+
+
+DEMO_START, DEMO_END = "<!-- demo-table -->\n", "<!-- /demo-table -->"
+DEMO_RUN = ROOT / "results" / "demo-resnet18"
+
+
+def test_readme_demo_table_comes_from_the_demo_run():
+    from triplet.reporting.demo import TABLE_ROWS, demo_table, read_demo_metrics
+
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(DEMO_START) + len(DEMO_START), readme.index(DEMO_END)
+    if os.environ.get("UPDATE_README") and (DEMO_RUN / "metrics_untrained.json").exists():
+        table = demo_table(*read_demo_metrics(DEMO_RUN)) + "\n"
+        write_text(ROOT / "README.md", readme[:start] + table + readme[end:])
+        readme = (ROOT / "README.md").read_text()
+        start, end = readme.index(DEMO_START) + len(DEMO_START), readme.index(DEMO_END)
+    rows = [line for line in readme[start:end].splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| Metric | Untrained (epoch 0) | Trained (epoch ") and rows[1] == "|---|---|---|---|"
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+    assert [row[0] for row in cells] == [label for _, label, _ in TABLE_ROWS]
+    for label, before, after, delta in cells:  # the change column is what the two columns say
+        assert abs(float(delta.split()[0]) - (float(after) - float(before))) <= 0.11, label
 
 
 def test_readme_is_short_and_its_links_exist():

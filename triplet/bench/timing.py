@@ -18,7 +18,12 @@ from triplet.errors import UserError
 from triplet.fileio import write_json, write_text
 
 # Forward GMACs (multiply-adds) per 224x224 image, as torchvision documents them.
-GMACS_224 = {"resnet18": 1.81, "resnet34": 3.66}
+def gmacs_224(backbone):
+    """Multiply-adds (G) of one forward at 224 px, as torchvision's weights record them ("_ops",
+    which torchvision counts in multiply-adds): known for every backbone with published weights."""
+    from torchvision.models import get_model_weights
+
+    return float(get_model_weights(backbone).DEFAULT.meta["_ops"])
 
 
 def write_results(out, report, markdown):
@@ -31,14 +36,12 @@ def write_results(out, report, markdown):
 
 def forward_gflop(backbone, image_size):
     """FLOPs (2 per MAC) of one forward pass of one image, scaled by the pixel count."""
-    return 2 * GMACS_224[backbone] * (image_size / 224) ** 2
+    return 2 * gmacs_224(backbone) * (image_size / 224) ** 2
 
 
 def train_gflop_per_triplet(backbone, image_size):
     """Three images, each a forward and a backward (about twice the forward): 9 forwards."""
     return 3 * 3 * forward_gflop(backbone, image_size)
-
-
 
 
 def _child(connection, start_method, function, kwargs):
