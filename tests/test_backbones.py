@@ -10,6 +10,7 @@ from torchvision import models
 
 from tests.conftest import ROOT, call_script
 from triplet import engine
+from triplet.mining import get_miner
 from triplet.backbones import check_backbone, close_matches
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
 from triplet.data.transforms import EvalTransform
@@ -81,10 +82,12 @@ def test_backbone_trains_evaluates_exports_and_quantises(backbone, synthetic_roo
     model = build_model(backbone, 16, "none", image_size=size)
     transform = EvalTransform(size)
     images = torch.stack([transform(p) for p in paths])
-    batch = (images[:4], images[4:], images[[5, 6, 7, 4]], torch.zeros(4, 3))
+    # one step of packaged offline triplets: [anchors, positives, negatives], as the sampler collates them
+    batch = (torch.cat([images[:4], images[4:], images[[5, 6, 7, 4]]]), torch.zeros(12, dtype=torch.int64))
     before = model.head.weight.detach().clone()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    stats = engine.train_one_epoch(model, [batch], optimizer, torch.device("cpu"), "fp32", 1.0, progress=False)
+    stats = engine.train_one_epoch(model, [batch], optimizer, torch.device("cpu"), "fp32", 1.0,
+                                   get_miner("none"), progress=False)
     assert np.isfinite(stats["train_loss"]) and not torch.equal(before, model.head.weight)
 
     model.eval()
