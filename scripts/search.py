@@ -18,42 +18,27 @@ from pathlib import Path
 import numpy as np
 
 from triplet.cli import check, run
-from triplet.deploy.gallery import load_gallery
+from triplet.deploy.gallery import GalleryOptions, load_gallery
 from triplet.deploy.grid import draw_grid
-from triplet.deploy.index import KINDS
 from triplet.deploy.inference import OnnxEmbedder
-from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 
 @dataclass
-class Options:
-    model: str = field(default="", metadata={"required": True, "help": "exported model (scripts/export_onnx.py)"})
-    gallery: str = field(default="", metadata={"required": True, "help": "folder of images to search (recursively)"})
+class Options(GalleryOptions):
     query: list[str] = field(default_factory=list, metadata={"required": True, "nargs": "+", "type": str,
                                                              "help": "one or more query images"})
     top_k: int = field(default=5, metadata={"help": "matches to print per query"})
-    batch_size: int = field(default=64, metadata={"help": "images per onnxruntime call"})
-    index: str = field(default="exact", metadata={"choices": KINDS, "help": "exact (NumPy) or faiss (by "
-                       "gallery size: exact inner product, HNSW, IVF), or a faiss kind by name"})
-    cache: str = field(default="", metadata={"help": "folder for the gallery cache and index "
-                                             "(default: $XDG_CACHE_HOME/triplet or ~/.cache/triplet)"})
-    no_cache: bool = field(default=False, metadata={"help": "embed the gallery afresh and write no cache"})
     exclude_self: bool = field(default=False, metadata={"help": "leave a query out of its own results "
                                                         "when it is also in the gallery"})
     json: bool = field(default=False, metadata={"help": "print the results as JSON (messages go to stderr)"})
     grid: str = field(default="", metadata={"help": "also draw each query and its matches with scores "
                                             "into this PNG"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bar while embedding"})
-    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
-        "help": "refuse an image with more pixels than this (a decompression bomb); 64 million passes 50-megapixel photos"})
 
     def __post_init__(self):
-        check(self.model, "--model is required: an ONNX file written by scripts/export_onnx.py")
-        check(self.gallery, "--gallery is required: a folder of images")
+        super().__post_init__()
         check(self.query, "--query is required: one or more images")
         check(self.top_k >= 1, "--top-k must be >= 1")
-        check(self.batch_size >= 1, "--batch-size must be >= 1")
-        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
         check(not self.grid or self.grid.lower().endswith(".png"), f"--grid {self.grid}: must end in .png")
 
 

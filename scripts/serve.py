@@ -16,43 +16,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from triplet.cli import check, run
-from triplet.deploy.gallery import load_gallery
-from triplet.deploy.index import KINDS
+from triplet.deploy.gallery import GalleryOptions, load_gallery
 from triplet.deploy.inference import OnnxEmbedder
-from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 from triplet.deploy.server import create_app, load_browse_set
 from triplet.errors import UserError
 from triplet.fileio import read_json
 
 
 @dataclass
-class Options:
-    model: str = field(default="", metadata={"required": True, "help": "exported model (scripts/export_onnx.py)"})
-    gallery: str = field(default="", metadata={"required": True, "help": "folder of images to search (recursively)"})
+class Options(GalleryOptions):
     run: str = field(default="", metadata={"help": "run folder whose test_embeddings.npz the browse view "
                                            "shows (default: the model's source run, when on disk)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on; anything but loopback "
                                                      "exposes the gallery to the network"})
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     top_k: int = field(default=8, metadata={"help": "matches shown per query"})
-    index: str = field(default="exact", metadata={"choices": KINDS, "help": "exact (NumPy) or faiss (by "
-                       "gallery size: exact inner product, HNSW, IVF), or a faiss kind by name"})
-    cache: str = field(default="", metadata={"help": "folder for the gallery cache and index "
-                                             "(default: $XDG_CACHE_HOME/triplet or ~/.cache/triplet)"})
-    no_cache: bool = field(default=False, metadata={"help": "embed the gallery afresh and write no cache"})
     max_upload_mb: float = field(default=20.0, metadata={"help": "largest upload accepted, in MB (413 above)"})
-    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
-        "help": "refuse an image with more pixels than this (a decompression bomb; uploads get 413)"})
-    batch_size: int = field(default=64, metadata={"help": "images per onnxruntime call while embedding the gallery"})
 
     def __post_init__(self):
-        check(self.model, "--model is required: an ONNX file written by scripts/export_onnx.py")
-        check(self.gallery, "--gallery is required: a folder of images")
+        super().__post_init__()
         check(0 <= self.port <= 65535, "--port must be from 0 to 65535")
         check(1 <= self.top_k <= 100, "--top-k must be from 1 to 100")
         check(self.max_upload_mb > 0, "--max-upload-mb must be > 0")
-        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
-        check(self.batch_size >= 1, "--batch-size must be >= 1")
 
 
 def log(message):

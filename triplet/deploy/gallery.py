@@ -18,13 +18,37 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from triplet.deploy.index import build_index, index_from_bytes, resolve_kind
+from triplet.cli import check
+from triplet.deploy.index import KINDS, build_index, index_from_bytes, resolve_kind
 from triplet.deploy.inference import file_digest
-from triplet.deploy.preprocess import open_rgb, preprocess
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb, preprocess
 from triplet.errors import UserError
 from triplet.fileio import atomic_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass
+class GalleryOptions:
+    """Options that decide which model embeds which gallery, and how it is cached and indexed;
+    shared by scripts/search.py and scripts/serve.py."""
+    model: str = field(default="", metadata={"required": True, "help": "exported model (scripts/export_onnx.py)"})
+    gallery: str = field(default="", metadata={"required": True, "help": "folder of images to search (recursively)"})
+    index: str = field(default="exact", metadata={"choices": KINDS, "help": "exact (NumPy) or faiss (by "
+                       "gallery size: exact inner product, HNSW, IVF), or a faiss kind by name"})
+    cache: str = field(default="", metadata={"help": "folder for the gallery cache and index "
+                                             "(default: $XDG_CACHE_HOME/triplet or ~/.cache/triplet)"})
+    no_cache: bool = field(default=False, metadata={"help": "embed the gallery afresh and write no cache"})
+    batch_size: int = field(default=64, metadata={"help": "images per onnxruntime call while embedding"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={
+        "help": "refuse an image with more pixels than this (a decompression bomb; an upload to serve.py gets "
+                "413); 64 million passes 50-megapixel photos"})
+
+    def __post_init__(self):
+        check(self.model, "--model is required: an ONNX file written by scripts/export_onnx.py")
+        check(self.gallery, "--gallery is required: a folder of images")
+        check(self.batch_size >= 1, "--batch-size must be >= 1")
+        check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
 
 
 def default_cache_dir():
