@@ -165,19 +165,22 @@ DEMO_SET := --classes 10 --per-class 150 --synthetic-size 48
 DEMO_SPLIT := --resize 37 --val-fraction 0.25
 DEMO_MODEL := --weights none --image-size 32
 DEMO_SEED ?= 0
-DEMO_RECIPE := --epochs 16 --lr 0.001 --scheduler cosine --batch-size 40 --samples-per-class 4 --mining semihard \
+# auto: bf16 where the CPU has it natively, else fp32 (docs/demo.md measures both)
+DEMO_PRECISION ?= auto
+DEMO_RECIPE := --epochs 40 --lr 0.001 --scheduler cosine --batch-size 40 --samples-per-class 4 --mining semihard \
                --margin 0.2 --crop-scale 0.5
 # The study's exp1 recipe (offline random triplets, margin 1, constant lr) on the same set and epochs.
-DEMO_STUDY_RECIPE := --epochs 16 --lr 0.001 --batch-size 32 --mining none --margin 1.0 --crop-scale 0.5
+DEMO_STUDY_RECIPE := --epochs 40 --lr 0.001 --batch-size 32 --mining none --margin 1.0 --crop-scale 0.5
 DEMO_STUDY_RUN := $(RESULTS)/demo-study-resnet18
 # $(call demo_train,RECIPE,RUN_DIR): write the demo set (deterministic), train on it, evaluate, and evaluate the
 # run's own starting point.
 define demo_train
 $(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) $(DEMO_SET)
 $(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
-$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(1) --seed $(DEMO_SEED) --out $(2) --force
-$(PY) scripts/evaluate.py --run $(2)
-$(PY) scripts/evaluate.py --run $(2) --checkpoint none
+$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(1) --seed $(DEMO_SEED) \
+    --precision $(DEMO_PRECISION) --out $(2) --force
+$(PY) scripts/evaluate.py --run $(2) --precision $(DEMO_PRECISION)
+$(PY) scripts/evaluate.py --run $(2) --checkpoint none --precision $(DEMO_PRECISION)
 endef
 ## demo: the whole chain offline on a synthetic set (prepare, train, evaluate, plots, report, ONNX, inference)
 demo: | setup
