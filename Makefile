@@ -201,7 +201,7 @@ demo-study: | setup
 	$(PY) scripts/report.py --results $(RESULTS)
 	$(PY) scripts/report.py --demo-table $(DEMO_STUDY_RUN)
 
-## readme: rewrite docs/scripts.md from every --help and, after make demo, the README's demo table (tests check both)
+## readme: rewrite docs/scripts.md from every --help and, after make demo, the README's demo table and figures (tests check both)
 readme: | setup
 	UPDATE_README=1 $(PY) -m pytest -q tests/test_readme.py
 

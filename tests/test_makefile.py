@@ -112,7 +112,10 @@ def test_demo_baseline_is_the_runs_own_start_and_the_table_comes_from_the_run(tm
     run_dir = f"{tmp_path}/results/demo-resnet18"
     assert option(train, "seed") == "2" and option(train, "out") == run_dir
     assert option(train, "weights") == "none" and option(train, "mining") == "semihard"
-    assert any(line.endswith(f"scripts/evaluate.py --run {run_dir} --checkpoint none") for line in lines)
+    untrained = next(line for line in lines if f"scripts/evaluate.py --run {run_dir} --checkpoint none" in line)
+    assert option(untrained, "precision") == option(train, "precision") == "auto"  # only training differs
+    fp32 = dry_run("demo", "DEMO_PRECISION=fp32", tmp_path=tmp_path).replace("\\\n", " ").splitlines()
+    assert {option(line, "precision") for line in fp32 if "scripts/train.py" in line or "scripts/evaluate.py" in line} == {"fp32"}
     assert f"scripts/report.py --demo-table {run_dir}" in " ".join(lines)
     prepare = next(line for line in lines if "--synthetic" in line)
     assert int(option(prepare, "per-class")) * 0.5 * float(option(train, "val-fraction")) >= 15  # val per class

@@ -7,6 +7,7 @@ from the demo's metrics.json files; without it, a difference fails the test.
 """
 import os
 import re
+import shutil
 import sys
 
 from tests.conftest import ROOT, call_script
@@ -54,6 +55,9 @@ def test_readme_demo_table_comes_from_the_demo_run():
     if os.environ.get("UPDATE_README") and (DEMO_RUN / "metrics_untrained.json").exists():
         table = demo_table(*read_demo_metrics(DEMO_RUN)) + "\n"
         write_text(ROOT / "README.md", readme[:start] + table + readme[end:])
+        for figure in ("curves.png", "retrieval.png"):  # the README's figures come from the same run
+            if (DEMO_RUN / figure).exists():
+                shutil.copyfile(DEMO_RUN / figure, ROOT / "results" / "readme" / figure)
         readme = (ROOT / "README.md").read_text()
         start, end = readme.index(DEMO_START) + len(DEMO_START), readme.index(DEMO_END)
     rows = [line for line in readme[start:end].splitlines() if line.startswith("|")]
