@@ -66,6 +66,9 @@ class Options:
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
     also_bf16: bool = field(default=False, metadata={
         "help": "also time the suite with bf16 autocast forced, as a labelled extra row (when auto is fp32)"})
+    also_fp32: bool = field(default=False, metadata={
+        "help": "also time the suite in fp32, as a labelled extra row (when auto is bf16 or fp16): the like-for-like "
+                "comparison with the fp32 reference, and what a CPU without native bf16 trains in"})
     also_compile: bool = field(default=False, metadata={
         "help": "also time the suite with --compile (torch.compile), as a labelled extra row; the warm-up compiles"})
     out: str = field(default="results/train_benchmark.json", metadata={"help": "JSON result; the .md table goes beside it"})
@@ -152,6 +155,8 @@ def benchmark_backbone(opts, machine, backbone, train, test):
             ("suite", training_speed, {"paths": suite_paths, "precision": machine["auto_precision"]})]
     if opts.also_bf16 and machine["auto_precision"] != "bf16":
         runs.append(("suite_bf16_forced", training_speed, {"paths": suite_paths, "precision": "bf16"}))
+    if opts.also_fp32 and machine["auto_precision"] != "fp32":
+        runs.append(("suite_fp32_forced", training_speed, {"paths": suite_paths, "precision": "fp32"}))
     if opts.also_compile:
         runs.append(("suite_compiled", training_speed,
                      {"paths": suite_paths, "precision": machine["auto_precision"], "compiled": True}))

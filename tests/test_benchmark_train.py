@@ -14,7 +14,7 @@ from triplet.errors import UserError
 def test_benchmark_train_tiny(tmp_path):
     out = tmp_path / "results" / "bench.json"
     result = run_script("benchmark_train", "--image-size", 32, "--batch-size", 4, "--steps", 2, "--warmup", 1,
-                        "--rounds", 2, "--profile",
+                        "--rounds", 2, "--profile", "--also-fp32", "--also-bf16",
                         "--backbones", "resnet18", "--classes", 4, "--per-class", 4, "--synthetic-size", 64,
                         "--resize", 40, "--eval-batch-size", 4, "--workdir", tmp_path / "work", "--out", out,
                         timeout=120, env={"OMP_NUM_THREADS": "1"})  # 2 threads crawl on a busy CPU
@@ -39,8 +39,17 @@ def test_benchmark_train_tiny(tmp_path):
     assert report["data_path"]["images_per_s_per_worker"] > 0 and report["data_path"]["images"] == 2 * 3 * 4
     assert suite["images_per_s"] == pytest.approx(3 * suite["triplets_per_s"], rel=0.01)
     assert report["machine"]["precision_reason"]
+    # whichever precision auto picked, the other one is a labelled extra row with its own ratio
+    forced = {"fp32": "suite_fp32_forced", "bf16": "suite_bf16_forced"}
+    auto = report["machine"]["auto_precision"]
+    extra = forced["bf16" if auto == "fp32" else "fp32"]
+    assert [name for name in forced.values() if name in r] == [extra]
+    assert r[extra]["precision"] != auto and len(r[extra]["rounds"]) == 2
+    key = extra.replace("suite", "ratio")
+    assert r[key] == pytest.approx(r[extra]["triplets_per_s"] / reference["triplets_per_s"], rel=0.01)
     table = out.with_suffix(".md").read_text()
     assert "| resnet18 | reference |" in table and "| resnet18 | suite |" in table
+    assert f"| resnet18 | suite, {r[extra]['precision']} forced |" in table
     assert "Where one suite step's time goes" in table and "images/s per worker" in table
     assert f"{r['ratio']:.2f}x" in result.stdout
     assert (tmp_path / "work" / "synthetic-4x4-64px" / "CUB_200_2011").is_dir()  # --workdir is kept
