@@ -100,7 +100,7 @@ def make_data(opts, workdir):
     data_dir = Path(workdir) / f"synthetic-{opts.classes}x{opts.per_class}-{opts.synthetic_size}px"
     if not (data_dir / ROOT).exists():
         print(f"writing {opts.classes * opts.per_class} synthetic {opts.synthetic_size}-px JPEGs to {data_dir}")
-        make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, seed=0)
+        make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, seed=0, processes=-1)
     options = DataOptions(data_dir=str(data_dir), resize=opts.resize)
     prepare(options, log=lambda *a: None)
     return data_dir / ROOT, prepared_dir(options)

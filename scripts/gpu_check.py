@@ -1,4 +1,4 @@
-"""Check the suite on a CUDA machine in under 10 minutes, offline, on a synthetic CUB-size set.
+"""Check the suite on a CUDA machine in under 10 minutes (--budget), offline, on a synthetic CUB-size set.
 
     python scripts/gpu_check.py                          # `make gpu-check`: one or more CUDA GPUs
     python scripts/gpu_check.py --device cpu --classes 4 --per-class 6 --synthetic-size 64 --resize 40 \
@@ -13,6 +13,7 @@ it; the exit status is 1 when any step failed.
 """
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,21 +36,26 @@ class Options:
     image_size: int = field(default=224, metadata={"help": "training crop and evaluation size"})
     batch_size: int = field(default=64, metadata={"help": "triplets (or PK images) per step"})
     timeout: int = field(default=240, metadata={"help": "seconds each step may take before it counts as failed"})
+    budget: int = field(default=600, metadata={
+        "help": "seconds for the whole check, writing the synthetic set included: each step's timeout is cut to "
+                "what is left, and steps that find nothing left are reported as skipped"})
     skip: list[str] = field(default_factory=list, metadata={
         "nargs": "*", "choices": STEPS, "help": "steps to leave out (reported as skipped)"})
 
     def __post_init__(self):
         check(self.timeout >= 1, f"--timeout {self.timeout}: must be >= 1")
+        check(self.budget >= 1, f"--budget {self.budget}: must be >= 1")
         check(self.out.endswith(".json"), f"--out {self.out}: must end in .json")
         check(self.per_class >= 4, f"--per-class {self.per_class}: must be >= 4 (two train images a class)")
         check(self.batch_size % 4 == 0, f"--batch-size {self.batch_size}: must be a multiple of 4 (PK batches of K=4)")
 
 
 def main(opts):
+    started = time.monotonic()
     import torch
 
     from triplet import runtime
-    from triplet.bench.gpu_check import markdown, plan_steps, run_step
+    from triplet.bench.gpu_check import markdown, plan_steps, run_steps
     from triplet.bench.timing import write_results
     from triplet.data.prepare import DataOptions, prepare
     from triplet.data.synthetic import make_synthetic_cub
@@ -64,19 +70,19 @@ def main(opts):
     data_dir = work / f"synthetic-{opts.classes}x{opts.per_class}-{opts.synthetic_size}px"
     if not (data_dir / "CUB_200_2011").exists():
         print(f"writing {opts.classes * opts.per_class} synthetic {opts.synthetic_size}-px JPEGs to {data_dir}")
-        make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, seed=0)
+        make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, seed=0, processes=-1)
     try:
         prepare(DataOptions(data_dir=str(data_dir), resize=opts.resize), log=lambda *a: None)
     except UserError as e:
         raise UserError(f"--workdir {work}: could not prepare the synthetic set: {e}") from e
-    rows = [run_step(step, opts.timeout, device.type == "cuda")
-            for step in plan_steps(opts, data_dir, work, gpus)]
+    rows = run_steps(plan_steps(opts, data_dir, work, gpus), opts.timeout, opts.budget, device.type == "cuda", started)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("pass", "fail", "skipped")}
     report = {"command": shlex.join(["python", *sys.argv]),
               "machine": {"device_name": name, "gpus": gpus, "torch": torch.__version__, "precision": precision,
                           "precision_reason": reason},
               "settings": {"images": opts.classes * opts.per_class, "synthetic_size": opts.synthetic_size,
-                           "image_size": opts.image_size, "batch_size": opts.batch_size, "timeout": opts.timeout},
+                           "image_size": opts.image_size, "batch_size": opts.batch_size, "timeout": opts.timeout,
+                           "budget": opts.budget},
               "passed": counts["pass"], "failed": counts["fail"], "skipped": counts["skipped"], "steps": rows}
     write_results(opts.out, report, markdown(report))
     return 1 if counts["fail"] else 0

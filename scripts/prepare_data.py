@@ -43,7 +43,8 @@ class Options(DataOptions):
     max_extract_gb: float = field(default=cub.MAX_EXTRACT_BYTES / 1e9, metadata={
         "help": "refuse an archive that unpacks to more gigabytes than this (the CUB archive: about 1.2)"})
     workers: int = field(default=-1, metadata={
-        "help": "processes that decode images (-1: one per usable core, at most 8; 0: decode in this process)"})
+        "help": "processes that decode images, or draw them with --synthetic (-1: one per usable core, at most 8 "
+                "when decoding; 0: this process)"})
     synthetic: bool = field(default=False, metadata={
         "help": "write a synthetic dataset in the exact CUB_200_2011 layout instead (no network)"})
     classes: int = field(default=200, metadata={"help": "--synthetic: number of classes"})
@@ -102,7 +103,8 @@ def main(opts):
             root = synthetic.make_digits_cub(data_dir, opts.synthetic_size, opts.seed)
             print(f"wrote scikit-learn's handwritten digits in the CUB-200-2011 layout to {root}")
         else:
-            root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, opts.seed)
+            root = synthetic.make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, opts.seed,
+                                              processes=opts.workers)
             print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
         if opts.pack:
             print(f"packed {opts.pack} (MD5 {pack_archive(data_dir, opts.pack)})")

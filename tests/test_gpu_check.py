@@ -1,15 +1,16 @@
 """scripts/gpu_check.py: its CPU-runnable parts end to end, and a failing step not hiding the rest."""
 import json
 import sys
+import time
 
 from tests.conftest import run_script
-from triplet.bench.gpu_check import Step, markdown, run_step
+from triplet.bench.gpu_check import Step, markdown, run_step, run_steps
 
 
 def test_gpu_check_cpu_parts_pass_and_report_every_step(tmp_path):
     out = tmp_path / "gpu_check.json"
     result = run_script("gpu_check", "--device", "cpu", "--classes", 4, "--per-class", 6, "--synthetic-size", 64,
-                        "--resize", 40, "--image-size", 32, "--batch-size", 8, "--skip", "compile",
+                        "--resize", 40, "--image-size", 32, "--batch-size", 8, "--skip", "compile", "--budget", 850,
                         "--workdir", tmp_path / "work", "--out", out, check=False, timeout=900)
     report = json.loads(out.read_text())
     rows = {r["step"]: r for r in report["steps"]}
@@ -42,3 +43,21 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_still_runs(tmp_path)
               "steps": rows}
     table = [line for line in markdown(report).splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows) and table[2].startswith("| boom | fails | fail |")  # header, rule, rows
+
+
+def test_the_budget_cuts_each_timeout_to_the_time_left_and_skips_what_finds_none():
+    python = sys.executable
+    hang = [python, "-c", "import time; time.sleep(60)"]
+    steps = [Step("first", "hangs", hang), Step("second", "hangs", hang), Step("third", "works", [python, "-c", "1"]),
+             Step("fourth", "already skipped", hang, skip="needs 2 CUDA devices, 0 visible")]
+    # 30 s of the 34-s budget were spent before the steps (writing the set): the first step gets 4 s, not 240;
+    # the clock reads 30 s before each step, then the time the first one took
+    readings = iter([30.0, 34.5, 34.6, 34.7])
+    started = time.monotonic()
+    rows = run_steps(steps, timeout=240, budget=34, cuda=False, started=0.0, log=lambda *a: None,
+                     clock=lambda: next(readings))
+    assert time.monotonic() - started < 20
+    assert [r["status"] for r in rows] == ["fail", "skipped", "skipped", "skipped"]
+    assert rows[0]["message"] == "timed out after 4 s"
+    assert rows[1]["message"] == rows[2]["message"] == "not run: the check's --budget of 34 s was spent"
+    assert rows[3]["message"] == "needs 2 CUDA devices, 0 visible"  # its own reason is kept

@@ -99,6 +99,20 @@ def run_step(step, timeout, cuda, log=print):
     return row
 
 
+def run_steps(steps, timeout, budget, cuda, started, log=print, clock=time.monotonic):
+    """Run the steps in order within ``budget`` seconds counted from ``started`` (a ``clock()``
+    value): each step's timeout is cut to the time left, and a step that finds less than a second
+    left is reported as skipped, so no hang can take the check past its budget."""
+    rows = []
+    for step in steps:
+        left = budget - (clock() - started)
+        if left < 1 and not step.skip:
+            step = Step(step.name, step.what, step.command,
+                        skip=f"not run: the check's --budget of {budget} s was spent")
+        rows.append(run_step(step, max(1, int(min(timeout, left))), cuda, log))
+    return rows
+
+
 def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
     """Host synchronisations in ``steps`` bf16 offline-triplet steps of ResNet18 on CUDA, counted
     by torch.cuda.set_sync_debug_mode after a warm-up epoch; the loop should only wait at its

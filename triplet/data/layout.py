@@ -20,6 +20,7 @@ from triplet.fileio import atomic_path
 ROOT = "CUB_200_2011"
 README_MARKER = "SYNTHETIC CUB-200-2011"
 ARCHIVE_MTIME = 1293840000  # 2011-01-01 UTC: fixed so the same dataset gives the same MD5
+JPEG_QUALITY = 90
 
 
 def _write_text(path, lines):
@@ -29,7 +30,8 @@ def _write_text(path, lines):
 
 
 def write_cub(data_dir, class_names, items, readme_lines):
-    """Write ``data_dir/CUB_200_2011`` from ``items``: (class index, index in class, image, is_train, box).
+    """Write ``data_dir/CUB_200_2011`` from ``items``: (class index, index in class, image, is_train, box);
+    the image is a PIL image or its JPEG bytes.
 
     The folder is built beside the target and renamed into place, so a crash leaves either the
     old folder or the new one. An existing synthetic folder is replaced; a real one is refused.
@@ -49,7 +51,10 @@ def write_cub(data_dir, class_names, items, readme_lines):
         image_lines, label_lines, split_lines, box_lines = [], [], [], []
         for image_id, (k, i, img, is_train, (x, y, bw, bh)) in enumerate(items, start=1):
             rel = f"{folders[k]}/{class_names[k]}_{i + 1:04d}_{image_id}.jpg"
-            img.save(tmp_root / "images" / rel, "JPEG", quality=90)
+            if isinstance(img, bytes):  # already encoded (make_synthetic_cub draws in several processes)
+                (tmp_root / "images" / rel).write_bytes(img)
+            else:
+                img.save(tmp_root / "images" / rel, "JPEG", quality=JPEG_QUALITY)
             image_lines.append(f"{image_id} {rel}")
             label_lines.append(f"{image_id} {k + 1}")
             split_lines.append(f"{image_id} {int(is_train)}")
