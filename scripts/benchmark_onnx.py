@@ -155,7 +155,8 @@ def main(opts):
 
     from triplet.bench.timing import write_results
     from triplet.model import EmbeddingNet
-    from triplet.runtime import cpu_has_bf16, cpu_name, usable_cores
+    from triplet.machine import cpu_name, usable_cores
+    from triplet.runtime import cpu_has_bf16
 
     threads = opts.threads or usable_cores()
     torch.set_num_threads(threads)

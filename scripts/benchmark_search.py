@@ -68,7 +68,7 @@ def markdown(report):
 
 
 def main(opts):
-    from triplet.runtime import cpu_name  # torch is imported there, lazily enough for a benchmark
+    from triplet.machine import cpu_name
 
     report = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_now(), "dim": opts.dim, "k": opts.k,
               "queries": opts.queries, "batch": opts.batch, "seed": opts.seed, "results": []}

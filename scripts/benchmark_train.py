@@ -43,8 +43,7 @@ from triplet.backbones import STUDY_BACKBONES, check_backbone
 from triplet.bench.tables import RATIO_KEYS, peak_mb, training_table
 from triplet.cli import check, run
 from triplet.data.layout import ROOT
-from triplet.data.prepare import DataOptions, prepare, prepared_dir, read_manifest
-from triplet.data.synthetic import make_synthetic_cub
+from triplet.data.prepare import read_manifest, synthetic_set
 
 
 @dataclass
@@ -94,17 +93,6 @@ class Options:
 
 
 # ---- orchestration ------------------------------------------------------------------------------
-
-def make_data(opts, workdir):
-    """The synthetic set (its original JPEGs) and the suite's prepared copy; reused when present."""
-    data_dir = Path(workdir) / f"synthetic-{opts.classes}x{opts.per_class}-{opts.synthetic_size}px"
-    if not (data_dir / ROOT).exists():
-        print(f"writing {opts.classes * opts.per_class} synthetic {opts.synthetic_size}-px JPEGs to {data_dir}")
-        make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, seed=0, processes=-1)
-    options = DataOptions(data_dir=str(data_dir), resize=opts.resize)
-    prepare(options, log=lambda *a: None)
-    return data_dir / ROOT, prepared_dir(options)
-
 
 def repeated(paths, labels, count):
     """The lists repeated until they hold at least ``count`` items (one epoch covers every step)."""
@@ -214,7 +202,9 @@ def main(opts):
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine["matmul_peak_gflops"].items())
           + f"; suite precision {machine['auto_precision']}")
     with tempfile.TemporaryDirectory(prefix="triplet-bench-") as tmp:
-        root, prepared = make_data(opts, opts.workdir or tmp)
+        data_dir, prepared = synthetic_set(opts.workdir or tmp, opts.classes, opts.per_class, opts.synthetic_size,
+                                           opts.resize)
+        root = data_dir / ROOT
         train_paths, train_labels = read_manifest(prepared, "train")
         check_triplet_ready(train_labels, f"training split of {prepared}")
         # enough batches for the warm-up, the drained prefetch (up to 8 workers x 4) and the timed steps

@@ -57,22 +57,17 @@ def main(opts):
     from triplet import runtime
     from triplet.bench.gpu_check import markdown, plan_steps, run_steps
     from triplet.bench.timing import write_results
-    from triplet.data.prepare import DataOptions, prepare
-    from triplet.data.synthetic import make_synthetic_cub
+    from triplet.data.prepare import synthetic_set
     from triplet.errors import UserError
 
     device = runtime.resolve_device(opts.device)
     precision, reason = runtime.choose_precision("auto", device)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else runtime.cpu_name()
+    name = runtime.device_name(device)
     print(f"{name}: {gpus} CUDA device(s); auto precision {precision} ({reason})")
     work = Path(opts.workdir)
-    data_dir = work / f"synthetic-{opts.classes}x{opts.per_class}-{opts.synthetic_size}px"
-    if not (data_dir / "CUB_200_2011").exists():
-        print(f"writing {opts.classes * opts.per_class} synthetic {opts.synthetic_size}-px JPEGs to {data_dir}")
-        make_synthetic_cub(data_dir, opts.classes, opts.per_class, opts.synthetic_size, seed=0, processes=-1)
     try:
-        prepare(DataOptions(data_dir=str(data_dir), resize=opts.resize), log=lambda *a: None)
+        data_dir, _ = synthetic_set(work, opts.classes, opts.per_class, opts.synthetic_size, opts.resize)
     except UserError as e:
         raise UserError(f"--workdir {work}: could not prepare the synthetic set: {e}") from e
     rows = run_steps(plan_steps(opts, data_dir, work, gpus), opts.timeout, opts.budget, device.type == "cuda", started)

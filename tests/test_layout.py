@@ -30,7 +30,7 @@ def test_deploy_and_reporting_import_without_torch():
                "triplet.deploy.index", "triplet.deploy.gallery", "triplet.deploy.grid", "triplet.deploy.server",
                "triplet.bench.cpu", "triplet.bench.search",
                "triplet.reporting.study", "triplet.reporting.plots", "triplet.reporting.report", "triplet.runs",
-               "triplet.errors", "triplet.cli", "triplet.fileio"]
+               "triplet.errors", "triplet.cli", "triplet.fileio", "triplet.machine"]
     result = run_without_torch("import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)", *modules)
     assert result.returncode == 0, result.stderr
 

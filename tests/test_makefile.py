@@ -57,26 +57,26 @@ def test_overrides_reach_the_commands(tmp_path):
     assert option(train, "out") == f"{tmp_path}/results/exp2-resnet18-e3-s64-wnone-classes"
 
 
-def test_a_quick_try_does_not_stand_in_for_the_real_run(tmp_path):
+def finished_run(tmp_path, name):
+    """The default prepared copy and a run folder ``name`` whose metrics and plots exist, as make sees them."""
     prepared = tmp_path / "data" / "prepared" / "official-r256-val0.1-seed0"
-    prepared.mkdir(parents=True)
+    prepared.mkdir(parents=True, exist_ok=True)
     (prepared / "prepare.json").write_text("{}")
-    quick = tmp_path / "results" / "exp1-resnet18-e2"
-    quick.mkdir(parents=True)
-    for name in ("metrics.json", "tsne.png"):
-        (quick / name).write_text("done")
+    run = tmp_path / "results" / name
+    run.mkdir(parents=True)
+    for target in ("metrics.json", "tsne.png"):
+        (run / target).write_text("done")
+    return run
+
+
+def test_a_quick_try_does_not_stand_in_for_the_real_run(tmp_path):
+    finished_run(tmp_path, "exp1-resnet18-e2")
     assert "scripts/" not in dry_run("exp1", "EPOCHS=2", tmp_path=tmp_path)
     assert "train.py" in dry_run("exp1", tmp_path=tmp_path)
 
 
 def test_a_finished_run_is_not_retrained(tmp_path):
-    prepared = tmp_path / "data" / "prepared" / "official-r256-val0.1-seed0"
-    prepared.mkdir(parents=True)
-    (prepared / "prepare.json").write_text("{}")
-    run = tmp_path / "results" / "exp1-resnet18"
-    run.mkdir(parents=True)
-    for name in ("metrics.json", "tsne.png"):
-        (run / name).write_text("done")
+    run = finished_run(tmp_path, "exp1-resnet18")
     assert "scripts/" not in dry_run("exp1", tmp_path=tmp_path)
     (run / "tsne.png").unlink()  # only the plots are missing: no retraining, only plotting
     output = dry_run("exp1", tmp_path=tmp_path)

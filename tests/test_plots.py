@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
+from triplet import machine
 from triplet.reporting import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,7 +74,8 @@ def test_class_names_come_from_the_class_folder():
 
 
 def test_small_maps_use_one_thread_and_large_ones_the_cores(monkeypatch):
-    monkeypatch.setattr(plots.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert plots.usable_cores() == 4  # the cores this process may use (its affinity mask), not the machine's
     assert plots.projection_threads(48) == 1
     assert plots.projection_threads(2500) == 2
     assert plots.projection_threads(5794) == 4

@@ -5,7 +5,6 @@ boxes, pixel limits), one-line errors for damaged files, and bounded archive ext
 """
 import errno
 import io
-import json
 import os
 import shutil
 import signal
@@ -24,7 +23,7 @@ from tests.conftest import ROOT, call_script, run_script
 from triplet import checkpoint as checkpoint_module
 from triplet.checkpoint import load_checkpoint, save_checkpoint
 from triplet.data import cub
-from triplet.data.prepare import DataOptions, clip_box, prepare, prepared_dir, read_manifest
+from triplet.data.prepare import DataOptions, clip_box, prepare, read_manifest
 from triplet.deploy.inference import decode_metadata, encode_metadata
 from triplet.deploy.preprocess import open_rgb
 from triplet.errors import UserError

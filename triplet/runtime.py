@@ -11,6 +11,7 @@ import torch
 
 from triplet import distributed as dist
 from triplet.errors import UserError
+from triplet.machine import cpu_name, usable_cores
 
 
 def resolve_device(name="auto"):
@@ -102,10 +103,6 @@ def grad_scaler(device, precision):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def usable_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_workers(device):
     """DataLoader workers per process, from the cores this machine's processes share
     (LOCAL_WORLD_SIZE, not the global world size: other machines' processes have their own cores).
@@ -137,13 +134,9 @@ def git_commit():
         return None
 
 
-def cpu_name():
-    """The processor's marketing name ("AMD EPYC"): platform.processor() is empty on Linux."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+def device_name(device):
+    """The GPU's name on CUDA, else the processor's: what a timing or a run ran on."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def environment(device, precision, world_size=1, precision_reason=None):
@@ -151,5 +144,5 @@ def environment(device, precision, world_size=1, precision_reason=None):
 
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "device_name": device_name(device),
             "precision": precision, "precision_reason": precision_reason, "world_size": world_size}

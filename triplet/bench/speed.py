@@ -28,8 +28,7 @@ def probe_machine(device):
     if device.type == "cuda":
         dtypes["fp16"] = torch.float16
     peaks = {name: round(matmul_peak_gflops(device, dtype), 1) for name, dtype in dtypes.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else runtime.cpu_name()
-    return {"device": str(device), "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"device": str(device), "name": runtime.device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "auto_precision": precision, "precision_reason": reason, "cpu_has_bf16": runtime.cpu_has_bf16(),
             "matmul_peak_gflops": peaks}
 

@@ -10,7 +10,6 @@ last; re-running with the same options does nothing, or redoes only images that 
 """
 import contextlib
 import functools
-import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -20,9 +19,12 @@ import numpy as np
 from PIL import Image
 
 from triplet.data import sources
+from triplet.data.layout import ROOT
+from triplet.data.synthetic import make_synthetic_cub
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
 from triplet.fileio import atomic_path, read_csv, read_json_object, write_csv, write_json
+from triplet.machine import usable_cores
 
 MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
 SPLITS = ("train", "val", "test")
@@ -131,7 +133,7 @@ def _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels=DEFAUL
         raise UserError(f"--crop-bbox: {dataset.location} has no bounding boxes (only CUB-layout sets do)")
     from tqdm import tqdm
     if workers < 0:
-        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        workers = min(8, usable_cores())
     jobs = {r.image_id: (dataset.files[r.image_id], out / "images" / prepared_relative_path(r.path), options.resize,
                          r.bbox if options.crop_bbox else None, max_pixels) for r in dataset.records}
     log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
@@ -210,6 +212,19 @@ def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, datas
                         "skipped": [{"file": str(dataset.files[i]), "error": e} for i, e in bad.items()]})
     log(f"prepared {counts} images ({classes} classes) of {dataset.name} ({dataset.kind}) in {out}")
     return out
+
+
+def synthetic_set(workdir, classes, per_class, synthetic_size, resize):
+    """A synthetic CUB-layout set under ``workdir``, named by its size, written once (by every
+    core) and reused, and its prepared copy at short side ``resize``: (set folder, prepared folder).
+    The benchmarks and ``make gpu-check`` train on it offline."""
+    data_dir = Path(workdir) / f"synthetic-{classes}x{per_class}-{synthetic_size}px"
+    if not (data_dir / ROOT).exists():
+        print(f"writing {classes * per_class} synthetic {synthetic_size}-px JPEGs to {data_dir}")
+        make_synthetic_cub(data_dir, classes, per_class, synthetic_size, seed=0, processes=-1)
+    options = DataOptions(data_dir=str(data_dir), resize=resize)
+    prepare(options, log=lambda *a: None)
+    return data_dir, prepared_dir(options)
 
 
 def _as_flags(options):

@@ -7,13 +7,13 @@ rotation, scale, position, background, distractor blobs, brightness and pixel no
 """
 import functools
 import io
-import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from triplet.data.layout import JPEG_QUALITY, write_cub
+from triplet.machine import usable_cores
 
 SHAPES = ("Circle", "Square", "Triangle", "Star", "Cross", "Ring", "Diamond", "Crescent")
 TEXTURES = ("Plain", "Stripes", "Dots", "Checks", "Gradient")
@@ -190,7 +190,7 @@ def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0
     train = [set(rng.permutation(per_class)[:n_train].tolist()) for _ in range(classes)]
     tasks = [(k, i) for k in range(classes) for i in range(per_class)]
     if processes < 0:
-        processes = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = usable_cores()
 
     def items(pool_map):
         rendered = pool_map(_render_jpeg, *zip(*[(seed, k, i, image_size, k * per_class + i in gray)

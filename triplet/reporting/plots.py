@@ -7,7 +7,6 @@ With 200 CUB classes a map coloured by every class is unreadable, so a seeded su
 """
 import io
 import math
-import os
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from PIL import Image, ImageOps
 from triplet.deploy.neighbours import normalise, top_k
 from triplet.errors import UserError
 from triplet.fileio import atomic_path, read_csv
+from triplet.machine import usable_cores
 from triplet.runs import describe_recipe, read_config, read_metrics, require_run_dir
 
 DPI = 100
@@ -56,8 +56,7 @@ def projection_threads(points):
     """OpenMP/BLAS threads for a projection of ``points``: one per thousand points, at most the
     usable cores. A small map on all cores spends its time in thread start-up and, on a busy
     machine, in oversubscription; a large one still gets every core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, points // 1000))
+    return max(1, min(usable_cores(), points // 1000))
 
 
 def project(embeddings, method="tsne", seed=0):
