@@ -30,8 +30,16 @@ IMAGES ?=
 # exp1-resnet18-e2), so a quick try never stands in for the real run in exp1-resnet18.
 RUN_TAG := $(if $(EPOCHS),-e$(EPOCHS))$(if $(filter-out 224,$(IMAGE_SIZE)),-s$(IMAGE_SIZE))$(if $(filter-out imagenet,$(WEIGHTS)),-w$(notdir $(basename $(WEIGHTS))))$(if $(filter-out official,$(SPLIT)),-$(SPLIT))
 
+# Training and evaluation start with tcmalloc preloaded where the machine has it (Debian/Ubuntu:
+# apt install libtcmalloc-minimal4): glibc's malloc faults a CPU step's activations in again every
+# step, and CPU epochs take a third longer with it (docs/speed.md). ALLOCATOR= runs them without.
+ifeq ($(origin ALLOCATOR),undefined)
+ALLOCATOR := $(shell $(PYTHON) -m triplet.machine --allocator 2>/dev/null)
+endif
+RUN_PY := $(strip $(ALLOCATOR) $(PY))
+
 PREPARED := $(DATA_DIR)/prepared/$(SPLIT)-r256-val0.1-seed0/prepare.json
-TRAIN := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY)) scripts/train.py
+TRAIN := $(strip $(ALLOCATOR) $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY))) scripts/train.py
 RUN_OPTIONS := --split $(SPLIT) --device $(DEVICE) --image-size $(IMAGE_SIZE) --workers $(WORKERS) --weights $(WEIGHTS)
 COMMON := --data-dir $(DATA_DIR) $(RUN_OPTIONS)
 
@@ -50,6 +58,7 @@ EXPERIMENTS := exp1 exp2 exp3 exp4 exp5 exp6 exp7
 help:
 	@awk 'BEGIN {FS = ": "} /^##@/ {printf "\n%s\n", substr($$0, 5)} /^## / {sub(/^## /, ""); split($$0, a, ": "); printf "  %-16s %s\n", a[1], substr($$0, length(a[1]) + 3)}' $(MAKEFILE_LIST)
 	@echo; echo "  Variables: BACKBONE=$(BACKBONE) DATA_DIR=$(DATA_DIR) DEVICE=$(DEVICE) EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) WORKERS=$(WORKERS) WEIGHTS=$(WEIGHTS) SPLIT=$(SPLIT) NPROC=$(NPROC) RESULTS=$(RESULTS)"
+	@echo "  Train and evaluate start with: $(or $(ALLOCATOR),the C library's malloc (apt install libtcmalloc-minimal4 for faster CPU runs)); ALLOCATOR= for malloc"
 
 ## setup: create .venv with the pinned requirements (re-runs only when requirements.txt changes)
 setup: $(VENV)/.installed
@@ -83,7 +92,7 @@ $(EXPERIMENTS): %: $(RESULTS)/%-$(BACKBONE)$(RUN_TAG)/tsne.png
 define experiment_rules
 $(RESULTS)/$(1)-%/metrics.json: $(PREPARED)
 	$(TRAIN) $(COMMON) --backbone $$(firstword $$(subst -, ,$$*)) $($(1)_ARGS) $(if $(EPOCHS),--epochs $(EPOCHS)) --out $$(@D) --resume
-	$(PY) scripts/evaluate.py --run $$(@D) --device $(DEVICE) --workers $(WORKERS)
+	$(RUN_PY) scripts/evaluate.py --run $$(@D) --device $(DEVICE) --workers $(WORKERS)
 endef
 $(foreach e,$(EXPERIMENTS),$(eval $(call experiment_rules,$(e))))
 
@@ -93,7 +102,7 @@ $(RESULTS)/%/tsne.png: $(RESULTS)/%/metrics.json
 ## baseline: evaluate the untrained model every experiment starts from (seed 0, as train.py): what training adds
 baseline: $(RESULTS)/baseline-$(BACKBONE)$(RUN_TAG)/metrics.json
 $(RESULTS)/baseline-%/metrics.json: $(PREPARED)
-	$(PY) scripts/evaluate.py --run $(@D) --checkpoint none --backbone $(firstword $(subst -, ,$*)) --weights $(WEIGHTS) \
+	$(RUN_PY) scripts/evaluate.py --run $(@D) --checkpoint none --backbone $(firstword $(subst -, ,$*)) --weights $(WEIGHTS) \
 	    --data-dir $(DATA_DIR) --split $(SPLIT) --image-size $(IMAGE_SIZE) --device $(DEVICE) --workers $(WORKERS)
 
 ALL_RUNS := $(foreach e,exp1 exp2 exp3 exp4,$(foreach b,resnet18 resnet34,$(RESULTS)/$(e)-$(b)/tsne.png)) \
@@ -117,7 +126,7 @@ custom: | setup
 	@test -n "$(IMAGES)" || { echo "make custom: set IMAGES=DIR (one subfolder per class) or IMAGES=FILE.csv"; exit 2; }
 	$(PY) scripts/prepare_data.py $(CUSTOM_SOURCE) --data-dir $(CUSTOM_DATA) --split $(SPLIT)
 	$(TRAIN) --data-dir $(CUSTOM_DATA) $(RUN_OPTIONS) --backbone $(BACKBONE) $(CUSTOM_ARGS) --out $(CUSTOM_RUN) --resume
-	$(PY) scripts/evaluate.py --run $(CUSTOM_RUN) --device $(DEVICE) --workers $(WORKERS)
+	$(RUN_PY) scripts/evaluate.py --run $(CUSTOM_RUN) --device $(DEVICE) --workers $(WORKERS)
 	$(PY) scripts/plot_embeddings.py --run $(CUSTOM_RUN)
 	$(PY) scripts/report.py --results $(RESULTS)
 	$(PY) scripts/export_onnx.py --run $(CUSTOM_RUN) --out $(CUSTOM_MODEL) --int8
@@ -142,7 +151,7 @@ gpu-check: | setup
 
 ## bench-train: the suite's training step versus a straightforward implementation
 bench-train: | setup
-	$(PY) scripts/benchmark_train.py --out $(RESULTS)/train_benchmark.json
+	$(PY) scripts/benchmark_train.py --out $(RESULTS)/train_benchmark.json$(if $(ALLOCATOR),, --allocator none)
 
 ##@ Serving
 SERVE_MODEL ?= exports/demo-resnet18.onnx
@@ -177,10 +186,10 @@ DEMO_STUDY_RUN := $(RESULTS)/demo-study-resnet18
 define demo_train
 $(PY) scripts/prepare_data.py --synthetic --data-dir $(DEMO_DATA) $(DEMO_SET)
 $(PY) scripts/prepare_data.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT)
-$(PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(1) --seed $(DEMO_SEED) \
+$(RUN_PY) scripts/train.py --data-dir $(DEMO_DATA) $(DEMO_SPLIT) $(DEMO_MODEL) $(1) --seed $(DEMO_SEED) \
     --precision $(DEMO_PRECISION) --out $(2) --force
-$(PY) scripts/evaluate.py --run $(2) --precision $(DEMO_PRECISION)
-$(PY) scripts/evaluate.py --run $(2) --checkpoint none --precision $(DEMO_PRECISION)
+$(RUN_PY) scripts/evaluate.py --run $(2) --precision $(DEMO_PRECISION)
+$(RUN_PY) scripts/evaluate.py --run $(2) --checkpoint none --precision $(DEMO_PRECISION)
 endef
 ## demo: the whole chain offline on a synthetic set (prepare, train, evaluate, plots, report, ONNX, inference)
 demo: | setup

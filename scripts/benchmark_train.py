@@ -9,12 +9,12 @@ the same batch, it times --steps training steps after --warmup steps of
 
 * the reference (``triplet.bench.reference.reference_train``): the study's pipeline as a newcomer would write it,
   PIL decoding of the original JPEGs on every access, torchvision v1 transforms, three forwards,
-  fp32, ``nn.TripletMarginLoss``, Adam, a default DataLoader with 2 workers;
+  fp32, ``nn.TripletMarginLoss``, Adam, a default DataLoader with 2 workers, the C library's malloc;
 * the suite (``triplet.bench.speed.training_speed``): the prepared copy (short side --resize),
   ``TrainTransform`` (uint8, normalised on the device), ``TripletBatchSampler``,
   ``engine.make_loader`` with ``runtime.default_workers`` and persistent workers, and
   ``engine.train_one_epoch`` with ``--precision auto`` and channels_last, as ``scripts/train.py``
-  runs them;
+  runs them, with tcmalloc preloaded where the machine has it, as ``make`` starts train.py;
 
 the suite's data path alone with one worker (``triplet.bench.speed.data_path_speed``: images/s
 per worker, what sizes the workers a GPU needs), and the suite's evaluation embedding (``triplet.bench.speed.embedding_speed`` of the prepared test
@@ -44,6 +44,7 @@ from triplet.bench.tables import RATIO_KEYS, peak_mb, training_table
 from triplet.cli import check, run
 from triplet.data.layout import ROOT
 from triplet.data.prepare import read_manifest, synthetic_set
+from triplet.machine import allocator_environment, find_tcmalloc
 
 
 @dataclass
@@ -68,6 +69,12 @@ class Options:
     also_fp32: bool = field(default=False, metadata={
         "help": "also time the suite in fp32, as a labelled extra row (when auto is bf16 or fp16): the like-for-like "
                 "comparison with the fp32 reference, and what a CPU without native bf16 trains in"})
+    allocator: str = field(default="auto", metadata={"choices": ["auto", "none"], "help":
+        "the suite's memory allocator. auto: tcmalloc preloaded where the machine has it, as make starts train.py "
+        "and evaluate.py; none: the C library's malloc. The reference always runs with the C library's malloc"})
+    also_glibc: bool = field(default=False, metadata={
+        "help": "also time the suite with the C library's malloc, as a labelled extra row (when the suite's is "
+                "tcmalloc): what the allocator adds"})
     also_compile: bool = field(default=False, metadata={
         "help": "also time the suite with --compile (torch.compile), as a labelled extra row; the warm-up compiles"})
     out: str = field(default="results/train_benchmark.json", metadata={"help": "JSON result; the .md table goes beside it"})
@@ -139,15 +146,19 @@ def benchmark_backbone(opts, machine, backbone, train, test):
     common = dict(device=device, backbone=backbone, labels=labels, image_size=opts.image_size,
                   batch_size=opts.batch_size, warmup=opts.warmup, steps=opts.steps)
     per_triplet = train_gflop_per_triplet(backbone, opts.image_size)
-    runs = [("reference", reference_train, {"paths": [str(p) for p in originals]}),
-            ("suite", training_speed, {"paths": suite_paths, "precision": machine["auto_precision"]})]
+    # Every path starts with its allocator: the C library's for the reference, the suite's as make starts it.
+    plain, suite_env = allocator_environment(None), allocator_environment(machine["allocator_library"])
+    auto = {"paths": suite_paths, "precision": machine["auto_precision"], "env": suite_env}
+    runs = [("reference", reference_train, {"paths": [str(p) for p in originals], "env": plain}),
+            ("suite", training_speed, auto)]
     if opts.also_bf16 and machine["auto_precision"] != "bf16":
-        runs.append(("suite_bf16_forced", training_speed, {"paths": suite_paths, "precision": "bf16"}))
+        runs.append(("suite_bf16_forced", training_speed, {**auto, "precision": "bf16"}))
     if opts.also_fp32 and machine["auto_precision"] != "fp32":
-        runs.append(("suite_fp32_forced", training_speed, {"paths": suite_paths, "precision": "fp32"}))
+        runs.append(("suite_fp32_forced", training_speed, {**auto, "precision": "fp32"}))
+    if opts.also_glibc and machine["allocator_library"]:
+        runs.append(("suite_glibc", training_speed, {**auto, "env": plain}))
     if opts.also_compile:
-        runs.append(("suite_compiled", training_speed,
-                     {"paths": suite_paths, "precision": machine["auto_precision"], "compiled": True}))
+        runs.append(("suite_compiled", training_speed, {**auto, "compiled": True}))
     rounds = {name: [] for name, _, _ in runs}
     for round_number in range(1, opts.rounds + 1):
         for name, function, extra in runs:  # alternating: a drift of the machine hits every path alike
@@ -155,7 +166,7 @@ def benchmark_backbone(opts, machine, backbone, train, test):
             rounds[name].append(row)
             print(f"{backbone} {name:<17} {row['triplets_per_s']:8.2f} triplets/s  {row['step_s']:7.2f} s/step  "
                   f"round {round_number}/{opts.rounds}, {row['precision']}, {row['workers']} workers, "
-                  f"peak {peak_mb(row):.0f} MiB")
+                  f"{row['allocator']}, peak {peak_mb(row):.0f} MiB")
     result = {name: add_flops(combine(rows), per_triplet, "triplets_per_s", peaks) for name, rows in rounds.items()}
     for name, key in RATIO_KEYS.items():
         if name in rounds:  # and the range of each round's ratio to the reference of the same round
@@ -165,14 +176,14 @@ def benchmark_backbone(opts, machine, backbone, train, test):
     embed_paths, embed_labels = repeated(*test, opts.steps * opts.batch_size)
     row = in_fresh_process(embedding_speed, device=device, backbone=backbone, paths=embed_paths, labels=embed_labels,
                            image_size=opts.image_size, batch_size=opts.eval_batch_size,
-                           precision=machine["auto_precision"])
+                           precision=machine["auto_precision"], env=suite_env)
     result["embedding"] = add_flops(row, forward_gflop(backbone, opts.image_size), "images_per_s", peaks)
     print(f"{backbone} embedding         {row['images_per_s']:8.2f} images/s    ({row['images']} images, "
           f"{row['precision']})")
     if opts.profile:
         result["profile"] = profile = in_fresh_process(
             profile_training_step, device=device, backbone=backbone, image_size=opts.image_size,
-            batch_size=opts.batch_size, precision=machine["auto_precision"])
+            batch_size=opts.batch_size, precision=machine["auto_precision"], env=suite_env)
         profile["conv_share_of_peak"], profile["share_of"] = peak_share(profile["conv_gflops"], profile["precision"],
                                                                         peaks)
         shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in profile["shares"].items())
@@ -193,6 +204,7 @@ def main(opts):
     from triplet.data.datasets import check_triplet_ready
 
     machine = in_fresh_process(probe_machine, device=opts.device)  # first: a bad --device fails fast
+    machine["allocator_library"] = find_tcmalloc() if opts.allocator == "auto" else None
     cuda = machine["device"].startswith("cuda")
     if opts.steps == -1:
         opts.steps = 100 if cuda else 5
@@ -200,7 +212,7 @@ def main(opts):
         opts.warmup = 10 if cuda else 1
     print(f"{machine['device']} ({machine['name']}, {machine['threads']} threads): matmul peak "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine["matmul_peak_gflops"].items())
-          + f"; suite precision {machine['auto_precision']}")
+          + f"; suite precision {machine['auto_precision']}, allocator {machine['allocator_library'] or 'malloc'}")
     with tempfile.TemporaryDirectory(prefix="triplet-bench-") as tmp:
         data_dir, prepared = synthetic_set(opts.workdir or tmp, opts.classes, opts.per_class, opts.synthetic_size,
                                            opts.resize)

@@ -19,6 +19,7 @@ from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_bac
 from triplet.cli import check, plural, run
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
 from triplet.errors import UserError
+from triplet.machine import allocator_tip
 
 
 @dataclass
@@ -188,6 +189,9 @@ def main(opts):
         if opts.force:
             runs.set_aside_old_run(run_dir, log)
         runs.write_config(run_dir, config)
+    tip = allocator_tip() if device.type == "cpu" else None
+    if tip:
+        log(tip)
     log(f"training {opts.backbone} on {device} ({precision}: {precision_reason}), {len(train_paths)} train / {len(val_paths)} val "
         f"images, {len(train_loader)} steps per epoch, mining={opts.mining}, workers={workers}")
 

@@ -26,6 +26,11 @@ def test_benchmark_train_tiny(tmp_path):
         assert r[path]["peak_rss_mb"] > 0
         assert r[path]["share_of_peak"] > 0
     assert r["reference"]["precision"] == "fp32" and r["reference"]["workers"] == 2
+    # the reference with the C library's malloc, the suite with the allocator make starts train.py with
+    from triplet.machine import find_tcmalloc
+    library = find_tcmalloc()
+    assert r["reference"]["allocator"] == "the C library's malloc"
+    assert r["suite"]["allocator"] == (f"{library} (LD_PRELOAD)" if library else "the C library's malloc")
     suite, reference = r["suite"], r["reference"]
     assert r["ratio"] == pytest.approx(suite["triplets_per_s"] / reference["triplets_per_s"], rel=0.01)
     assert r["ratio_rounds"] == pytest.approx([s / ref for s, ref in zip(suite["rounds"], reference["rounds"])],
@@ -99,3 +104,24 @@ def test_flops_scale_with_pixels_and_count_nine_forwards_per_triplet():
     assert forward_gflop("resnet34", 112) == pytest.approx(2 * 3.664 / 4)
     assert forward_gflop("resnet50", 224) == pytest.approx(2 * 4.089)  # any backbone with published weights
     assert train_gflop_per_triplet("resnet18", 224) == pytest.approx(9 * 2 * 1.814)
+
+
+def allocator_seen():
+    """What a measurement process reports as its allocator, and its LD_PRELOAD."""
+    import os
+
+    from triplet.machine import allocator_name
+    return allocator_name(), os.environ.get("LD_PRELOAD")
+
+
+def test_a_measurement_starts_with_the_allocator_it_is_given(monkeypatch):
+    import os
+
+    from triplet.bench.timing import in_fresh_process
+    from triplet.machine import allocator_environment
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert in_fresh_process(allocator_seen, env=allocator_environment(None)) == ("the C library's malloc", None)
+    # libc stands in for tcmalloc (a library every Linux has): the process is started with it preloaded
+    assert in_fresh_process(allocator_seen, env={"LD_PRELOAD": "libc.so.6"})[1] == "libc.so.6"
+    assert "LD_PRELOAD" not in os.environ  # the parent's environment is as it was

@@ -144,3 +144,18 @@ def test_custom_runs_the_whole_chain_on_your_own_images(images, source, tmp_path
     assert option(chain[5], "out") == f"exports/{name}-resnet50.onnx" and "--int8" in chain[5]
     assert "scripts/search.py --model exports/" in output
 
+
+
+def test_training_and_evaluation_start_with_the_allocator_the_machine_has(tmp_path):
+    commands = [line for line in dry_run("exp1", "ALLOCATOR=LD_PRELOAD=libtcmalloc_minimal.so.4", tmp_path=tmp_path)
+                .splitlines() if "scripts/" in line]
+    started = {re.search(r"scripts/(\w+)\.py", line)[1]: line.startswith("LD_PRELOAD=libtcmalloc_minimal.so.4 ")
+               for line in commands}
+    assert started == {"prepare_data": False, "train": True, "evaluate": True, "plot_embeddings": False}
+    torchrun = next(line for line in dry_run("exp7", "NPROC=2", "ALLOCATOR=LD_PRELOAD=x", tmp_path=tmp_path)
+                    .splitlines() if "train.py" in line)
+    assert torchrun.startswith("LD_PRELOAD=x ") and "torchrun" in torchrun  # torchrun's processes inherit it
+    plain = dry_run("exp1", "ALLOCATOR=", tmp_path=tmp_path)  # ALLOCATOR= : the C library's malloc
+    assert "LD_PRELOAD" not in plain and "train.py" in plain
+    assert "--allocator none" in dry_run("bench-train", "ALLOCATOR=", tmp_path=tmp_path)  # the benchmark's suite too
+    assert "--allocator" not in dry_run("bench-train", "ALLOCATOR=LD_PRELOAD=x", tmp_path=tmp_path)

@@ -149,3 +149,27 @@ def test_triplet_loss_without_triplets_is_zero_and_in_the_graph():
     assert loss.item() == 0.0 and active.item() == 0 and loss.requires_grad
     loss.backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_the_loss_gradient_is_the_same_on_every_run_with_several_threads():
+    """Mined triplets pick a row many times; its gradients must be summed in a fixed order.
+
+    Indexing's backward (index_put_ with accumulate) adds them with parallel atomics on a
+    multi-core CPU, so two training runs with the same seed drifted apart under online mining.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        embeddings = torch.randn(64, 128, generator=generator)
+        a, p, n = (torch.randint(0, 64, (4000,), generator=generator) for _ in range(3))
+
+        def gradient():
+            x = embeddings.clone().requires_grad_()
+            triplet_loss(x, a, p, n, margin=0.2)[0].backward()
+            return x.grad
+
+        first = gradient()
+        assert all(torch.equal(first, gradient()) for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)

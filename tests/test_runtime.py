@@ -154,3 +154,51 @@ def test_a_resume_with_another_number_of_processes_is_refused():
         check_world_size(checkpoint, 1, "run/checkpoint_last.pt")
     with pytest.raises(UserError, match="without torchrun"):
         check_world_size({"config": {"environment": {"world_size": 1}}}, 4, "run/checkpoint_last.pt")
+
+
+# ---- the allocator a CPU run starts with (triplet.machine) --------------------------------------
+
+@pytest.fixture
+def linux(monkeypatch):
+    """Linux with tcmalloc installed or not: ``linux(tcmalloc=...)``; nothing preloaded yet."""
+    from triplet import machine
+
+    def set_up(tcmalloc):
+        monkeypatch.setattr(machine.sys, "platform", "linux")
+        monkeypatch.setattr(machine.ctypes.util, "find_library",
+                            lambda name: "libtcmalloc_minimal.so.4" if tcmalloc and name == "tcmalloc_minimal" else None)
+        monkeypatch.delenv("LD_PRELOAD", raising=False)
+        return machine
+    return set_up
+
+
+def test_tcmalloc_is_found_and_named_when_preloaded(linux, monkeypatch):
+    machine = linux(tcmalloc=True)
+    assert machine.find_tcmalloc() == "libtcmalloc_minimal.so.4"
+    assert machine.allocator_name() == "the C library's malloc"
+    assert "start it with LD_PRELOAD=libtcmalloc_minimal.so.4" in machine.allocator_tip()
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libfoo.so:/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    assert machine.allocator_name() == "libtcmalloc_minimal.so.4 (LD_PRELOAD)"
+    assert machine.allocator_tip() is None  # already preloaded: nothing to say
+    assert runtime.environment(CPU, "fp32")["allocator"] == "libtcmalloc_minimal.so.4 (LD_PRELOAD)"
+
+
+def test_without_tcmalloc_the_tip_says_how_to_install_it(linux, monkeypatch):
+    machine = linux(tcmalloc=False)
+    assert machine.find_tcmalloc() is None and "apt install libtcmalloc-minimal4" in machine.allocator_tip()
+    assert machine.allocator_environment(None) == {"LD_PRELOAD": None, "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": None}
+    monkeypatch.setattr(machine.sys, "platform", "darwin")  # macOS, Windows: their own allocators, no tip
+    assert machine.find_tcmalloc() is None and machine.allocator_tip() is None
+
+
+def test_the_makefile_asks_for_the_preload_environment():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from triplet.machine import find_tcmalloc
+
+    out = subprocess.run([sys.executable, "-m", "triplet.machine", "--allocator"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    library = find_tcmalloc()
+    assert out == (f"LD_PRELOAD={library} TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD={2**40}" if library else "")

@@ -18,6 +18,9 @@ def triplet_loss(embeddings, anchor, positive, negative, margin=1.0):
     """
     if anchor.numel() == 0:
         return embeddings.sum() * 0, torch.zeros((), dtype=torch.int64, device=embeddings.device)
-    per_triplet = F.triplet_margin_loss(embeddings[anchor], embeddings[positive],
-                                        embeddings[negative], margin=margin, reduction="none")
+    # index_select, not embeddings[anchor]: its backward adds the gradients of a row picked many
+    # times in a fixed order (index_add_), where indexing's backward on a multi-core CPU adds them
+    # with parallel atomics, so two runs with the same seed drifted apart under online mining.
+    rows = [embeddings.index_select(0, index) for index in (anchor, positive, negative)]
+    per_triplet = F.triplet_margin_loss(*rows, margin=margin, reduction="none")
     return per_triplet.mean(), (per_triplet > 0).sum()

@@ -11,7 +11,7 @@ import torch
 
 from triplet import distributed as dist
 from triplet.errors import UserError
-from triplet.machine import cpu_name, usable_cores
+from triplet.machine import allocator_name, cpu_name, usable_cores
 
 
 def resolve_device(name="auto"):
@@ -144,5 +144,5 @@ def environment(device, precision, world_size=1, precision_reason=None):
 
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
-            "device_name": device_name(device),
+            "device_name": device_name(device), "allocator": allocator_name(),
             "precision": precision, "precision_reason": precision_reason, "world_size": world_size}

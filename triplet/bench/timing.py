@@ -4,9 +4,12 @@ Each measurement runs in its own process (``in_fresh_process``), so one path's m
 allocator caches and thread pools never leak into the next. On Linux the process is forked:
 it starts in milliseconds rather than re-importing torch, and it is safe as long as the
 parent itself never runs a torch operation or touches CUDA (the benchmark's parent only
-writes images and orchestrates; even the device is resolved in a child). Elsewhere: spawn.
+writes images and orchestrates; even the device is resolved in a child). Elsewhere, and for a
+measurement that starts with an environment of its own (a preloaded allocator): spawn.
 """
+import contextlib
 import multiprocessing
+import os
 import sys
 import time
 import traceback
@@ -57,12 +60,36 @@ def _child(connection, start_method, function, kwargs):
         connection.close()
 
 
-def in_fresh_process(function, **kwargs):
-    """Return ``function(**kwargs)`` computed in a new process; its result must pickle."""
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+@contextlib.contextmanager
+def environment(changes):
+    """os.environ with ``changes`` (None removes a variable) inside the block, as it was after."""
+    saved = {name: os.environ.get(name) for name in changes}
+    def apply(values):
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    apply(changes)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+def in_fresh_process(function, env=None, **kwargs):
+    """Return ``function(**kwargs)`` computed in a new process; its result must pickle.
+
+    ``env``: environment changes the process starts with (None removes a variable), such as
+    LD_PRELOAD. Where they change anything it is spawned, since a forked process keeps the
+    allocator its parent started with.
+    """
+    changes = any(os.environ.get(name) != value for name, value in (env or {}).items())
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" and not changes else "spawn")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(send, multiprocessing.get_start_method(), function, kwargs), name=function.__name__)
-    process.start()
+    with environment(env or {}):
+        process.start()
     send.close()
     try:
         outcome, value = receive.recv()
