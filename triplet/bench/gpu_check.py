@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from triplet.machine import allocator_environment, find_tcmalloc
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
@@ -174,7 +176,11 @@ def plan_steps(opts, data_dir, work, gpus):
     for precision in ("fp32", "bf16", "fp16"):
         skip = "" if cuda or precision != "fp16" else "CPUs have no fp16 training"
         steps.append(train(precision, f"1 epoch in {precision}", "--precision", precision, "--force", skip=skip))
+    tcmalloc = find_tcmalloc()
     steps += [
+        train("tcmalloc", "1 epoch started with tcmalloc preloaded, as make starts train.py", "--force",
+              env=allocator_environment(tcmalloc) if tcmalloc else {},
+              skip="" if tcmalloc else "no tcmalloc here (apt install libtcmalloc-minimal4)"),
         train("gpu-cache", "1 epoch with --gpu-cache (batched augmentation on the device)", "--gpu-cache", "--force"),
         train("compile", "1 epoch with --compile", "--compile", "--force"),
         train("batch-hard", "1 epoch of batch-hard mining in PK batches", "--mining", "hard",
