@@ -176,7 +176,7 @@ def test_tcmalloc_is_found_and_named_when_preloaded(linux, monkeypatch):
     machine = linux(tcmalloc=True)
     assert machine.find_tcmalloc() == "libtcmalloc_minimal.so.4"
     assert machine.allocator_name() == "the C library's malloc"
-    assert "start it with LD_PRELOAD=libtcmalloc_minimal.so.4" in machine.allocator_tip()
+    assert "start train.py with LD_PRELOAD=libtcmalloc_minimal.so.4" in machine.allocator_tip()
     monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libfoo.so:/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     assert machine.allocator_name() == "libtcmalloc_minimal.so.4 (LD_PRELOAD)"
     assert machine.allocator_tip() is None  # already preloaded: nothing to say

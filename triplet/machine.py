@@ -64,8 +64,8 @@ def allocator_tip():
     if preloaded_allocator() or not sys.platform.startswith("linux"):
         return None
     library = find_tcmalloc()
-    start = f"start it with LD_PRELOAD={library}" if library else \
-        "install tcmalloc (apt install libtcmalloc-minimal4) and start it with LD_PRELOAD=libtcmalloc_minimal.so.4"
+    start = (f"start train.py with LD_PRELOAD={library}" if library else "install tcmalloc (apt install "
+             "libtcmalloc-minimal4) and start train.py with LD_PRELOAD=libtcmalloc_minimal.so.4")
     return (f"note: glibc's malloc faults each CPU step's memory in again; {start} to train faster, "
             f"as make does (docs/speed.md)")
 

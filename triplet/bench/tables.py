@@ -29,7 +29,8 @@ def training_table(report):
     lines = [
         "# Training throughput: the suite versus a straightforward implementation", "",
         f"`{report['command']}`", "",
-        f"{m['device']} ({m['name']}{bf16}, {m['threads']} threads), torch {m['torch']}; measured matmul peak: {peaks}. "
+        f"{m['device']} ({m['name']}{bf16}, {m['threads']} threads), torch {m['torch']}; "
+        f"measured matmul peak: {peaks}. "
         f"Synthetic {s['synthetic_size']}-px JPEGs ({s['images']} images), {s['image_size']}-px crops, "
         f"{s['batch_size']} triplets per step. {s['rounds']} rounds, each path in a fresh process per round and "
         f"the paths alternating, each timing {s['steps']} steps after {s['warmup']} warm-up "
@@ -51,7 +52,8 @@ def training_table(report):
                 key = RATIO_KEYS.get(name)
                 ratio = f"**{result[key]:.2f}x** ({_range(result[key + '_rounds'], 'x')})" if key else "1.00x"
                 lines.append(f"| {backbone} | {label} | {r['data']} | {r['precision']}, {r['memory_format']} | "
-                             f"{r['workers']} | {r.get('allocator', '')} | {r['triplets_per_s']:.2f} ({_range(r['rounds'])}) | "
+                             f"{r['workers']} | {r.get('allocator', '')} | "
+                             f"{r['triplets_per_s']:.2f} ({_range(r['rounds'])}) | "
                              f"{3 * r['triplets_per_s']:.1f} | {ratio} | {r['step_s']:.2f} | {peak_mb(r):,.0f} | "
                              f"{100 * r['share_of_peak']:.1f}% of {r['share_of']} |")
     lines += ["", "| Backbone | Embedding images/s | Precision | Peak memory (MiB) | Share of matmul peak |",
