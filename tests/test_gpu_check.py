@@ -71,3 +71,12 @@ def test_the_budget_cuts_each_timeout_to_the_time_left_and_skips_what_finds_none
     assert rows[0]["message"] == "timed out after 4 s"
     assert rows[1]["message"] == rows[2]["message"] == "not run: the check's --budget of 34 s was spent"
     assert rows[3]["message"] == "needs 2 CUDA devices, 0 visible"  # its own reason is kept
+
+
+def test_a_step_starts_with_its_environment_changes(monkeypatch):
+    monkeypatch.setenv("TRIPLET_CHECK_GONE", "1")
+    show = [sys.executable, "-c",
+            "import os; print(os.environ.get('TRIPLET_CHECK_GONE'), os.environ.get('TRIPLET_CHECK_SET'))"]
+    changes = {"TRIPLET_CHECK_GONE": None, "TRIPLET_CHECK_SET": "x"}
+    row = run_step(Step("env", "sees its environment", show, env=changes), timeout=30, cuda=False, log=lambda *a: None)
+    assert row["status"] == "pass" and row["message"] == "None x"  # None removes a variable, a string sets it

@@ -71,8 +71,8 @@ def allocator_tip():
 
 
 def allocator_environment(library):
-    """Environment changes that start a process with ``library`` preloaded, or with none (None):
-    for os.environ.update, where None removes the variable."""
+    """Environment changes that start a process with ``library`` preloaded, or with none (None),
+    where None removes a variable (``bench.timing.environment``, ``bench.gpu_check.Step.env``)."""
     if library is None:
         return {"LD_PRELOAD": None, **{k: None for k in TCMALLOC_QUIET}}
     return {"LD_PRELOAD": library, **TCMALLOC_QUIET}

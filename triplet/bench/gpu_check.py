@@ -24,7 +24,7 @@ class Step:
     name: str
     what: str
     command: list
-    env: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # changes to this process's environment; None removes a variable
     run_dir: str = ""  # a training step: its epoch seconds come from this run's history.csv
     expect: str = ""  # text the output must contain
     skip: str = ""  # why the step cannot run on this machine ("" = it can)
@@ -87,7 +87,7 @@ def run_step(step, timeout, cuda, log=print):
     with GpuUtilisation(cuda) as utilisation:
         try:
             result = subprocess.run([str(part) for part in step.command], capture_output=True, text=True,
-                                    timeout=timeout, env={**os.environ, **step.env})
+                                    timeout=timeout, env=_environment(step.env))
             output, ok = result.stdout + result.stderr, result.returncode == 0
             message = _last_line(result.stderr if not ok else result.stdout) or f"exit code {result.returncode}"
             if ok and step.expect and step.expect not in output:
@@ -99,6 +99,12 @@ def run_step(step, timeout, cuda, log=print):
                epoch_s=last_epoch_seconds(step.run_dir) if step.run_dir and ok else None)
     log(f"{step.name:<12} {row['status']:<4} {row['seconds']:7.1f} s  {message}")
     return row
+
+
+def _environment(changes):
+    """This process's environment with ``changes`` applied (None removes a variable)."""
+    env = {**os.environ, **changes}
+    return {name: value for name, value in env.items() if value is not None}
 
 
 def run_steps(steps, timeout, budget, cuda, started, log=print, clock=time.monotonic):
@@ -179,7 +185,7 @@ def plan_steps(opts, data_dir, work, gpus):
     tcmalloc = find_tcmalloc()
     steps += [
         train("tcmalloc", "1 epoch started with tcmalloc preloaded, as make starts train.py", "--force",
-              env=allocator_environment(tcmalloc) if tcmalloc else {},
+              env=allocator_environment(tcmalloc),
               skip="" if tcmalloc else "no tcmalloc here (apt install libtcmalloc-minimal4)"),
         train("gpu-cache", "1 epoch with --gpu-cache (batched augmentation on the device)", "--gpu-cache", "--force"),
         train("compile", "1 epoch with --compile", "--compile", "--force"),

@@ -14,7 +14,6 @@ from torchvision import transforms as T
 
 from triplet.bench.speed import step_speed
 from triplet.bench.timing import memory_report, timed_batches
-from triplet.machine import allocator_name
 from triplet.model import build_model
 
 
@@ -69,5 +68,4 @@ def reference_train(device, backbone, paths, labels, image_size, batch_size, war
         optimizer.step()
         running_loss += loss.item()
     return {"data": "original JPEGs, PIL + transforms v1", "precision": "fp32", "memory_format": "contiguous",
-            "workers": 2, "allocator": allocator_name(), **step_speed(seconds[0], steps, batch_size),
-            **memory_report(device)}
+            "workers": 2, **step_speed(seconds[0], steps, batch_size), **memory_report(device)}

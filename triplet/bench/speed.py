@@ -12,7 +12,6 @@ from triplet import engine, runtime
 from triplet.bench.timing import matmul_peak_gflops, memory_report, synchronize, timed_batches, train_gflop_per_triplet
 from triplet.data.datasets import ImageDataset
 from triplet.data.samplers import TripletBatchSampler
-from triplet.machine import allocator_name
 from triplet.mining import packaged_triplets
 from triplet.model import build_model
 
@@ -64,7 +63,7 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
                            scaler=runtime.grad_scaler(device, precision))
     return {"data": "prepared copy, torchvision.io + transforms v2", "precision": precision,
             "memory_format": "channels_last, compiled" if compiled else "channels_last", "workers": workers,
-            "allocator": allocator_name(), **step_speed(seconds[0], steps, batch_size), **memory_report(device)}
+            **step_speed(seconds[0], steps, batch_size), **memory_report(device)}
 
 
 def data_path_speed(paths, labels, image_size, batch_size, batches):
@@ -94,7 +93,7 @@ def embedding_speed(device, backbone, paths, labels, image_size, batch_size, pre
     engine.embed(model, loader, device, precision)  # returns NumPy: the device is done
     seconds = time.perf_counter() - start
     return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 2),
-            "precision": precision, "workers": workers, "allocator": allocator_name(), **memory_report(device)}
+            "precision": precision, "workers": workers, **memory_report(device)}
 
 
 def profile_training_step(device, backbone, image_size, batch_size, precision):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from triplet.errors import UserError
+from triplet.machine import allocator_name
 from triplet.fileio import write_json, write_text
 
 # Forward GMACs (multiply-adds) per 224x224 image, as torchvision documents them.
@@ -176,7 +177,8 @@ def worker_peak_rss_mb():
 
 
 def memory_report(device):
-    report = {"peak_rss_mb": round(peak_rss_mb(), 1)}
+    """The process's memory peaks, and the allocator that served them (it moves the RSS peak)."""
+    report = {"peak_rss_mb": round(peak_rss_mb(), 1), "allocator": allocator_name()}
     workers = worker_peak_rss_mb()
     if workers:
         report["worker_peak_rss_mb"] = round(workers, 1)
