@@ -32,10 +32,12 @@ RUN_TAG := $(if $(EPOCHS),-e$(EPOCHS))$(if $(filter-out 224,$(IMAGE_SIZE)),-s$(I
 
 # Training and evaluation start with tcmalloc preloaded where the machine has it (Debian/Ubuntu:
 # apt install libtcmalloc-minimal4): glibc's malloc faults a CPU step's activations in again every
-# step, and CPU epochs take a third longer with it (docs/speed.md). ALLOCATOR= runs them without.
+# step, and CPU epochs take a third longer with it (docs/speed.md). ALLOCATOR= runs them without;
+# ALLOCATOR=libjemalloc.so.2 (a library) or ALLOCATOR="LD_PRELOAD=... VAR=..." (assignments) with another.
 ifeq ($(origin ALLOCATOR),undefined)
 ALLOCATOR := $(shell $(PYTHON) -m triplet.machine --allocator 2>/dev/null)
 endif
+override ALLOCATOR := $(if $(findstring =,$(ALLOCATOR)),$(ALLOCATOR),$(if $(ALLOCATOR),LD_PRELOAD=$(ALLOCATOR)))
 RUN_PY := $(strip $(ALLOCATOR) $(PY))
 
 PREPARED := $(DATA_DIR)/prepared/$(SPLIT)-r256-val0.1-seed0/prepare.json

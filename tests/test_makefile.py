@@ -155,6 +155,8 @@ def test_training_and_evaluation_start_with_the_allocator_the_machine_has(tmp_pa
     torchrun = next(line for line in dry_run("exp7", "NPROC=2", "ALLOCATOR=LD_PRELOAD=x", tmp_path=tmp_path)
                     .splitlines() if "train.py" in line)
     assert torchrun.startswith("LD_PRELOAD=x ") and "torchrun" in torchrun  # torchrun's processes inherit it
+    named = dry_run("exp1", "ALLOCATOR=libjemalloc.so.2", tmp_path=tmp_path)  # a library alone is preloaded
+    assert next(line for line in named.splitlines() if "train.py" in line).startswith("LD_PRELOAD=libjemalloc.so.2 ")
     plain = dry_run("exp1", "ALLOCATOR=", tmp_path=tmp_path)  # ALLOCATOR= : the C library's malloc
     assert "LD_PRELOAD" not in plain and "train.py" in plain
     assert "--allocator none" in dry_run("bench-train", "ALLOCATOR=", tmp_path=tmp_path)  # the benchmark's suite too
