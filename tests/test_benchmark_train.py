@@ -26,6 +26,10 @@ def test_benchmark_train_tiny(tmp_path):
         assert r[path]["peak_rss_mb"] > 0
         assert r[path]["share_of_peak"] > 0
     assert r["reference"]["precision"] == "fp32" and r["reference"]["workers"] == 2
+    # OMP_NUM_THREADS=1 leaves the suite's worker a core of its own where there is a second one
+    from triplet.machine import usable_cores
+    assert r["suite"]["threads"] == r["reference"]["threads"] == 1
+    assert r["suite"]["workers"] == (1 if usable_cores() > 1 else 0)
     # the reference with the C library's malloc, the suite with the allocator make starts train.py with
     from triplet.machine import find_tcmalloc
     library = find_tcmalloc()

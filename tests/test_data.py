@@ -10,6 +10,7 @@ from triplet.data.samplers import PKSampler, TripletBatchSampler
 from triplet.errors import UserError
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest
 from triplet.data.transforms import EvalTransform, TrainTransform, load_image, resize_size_for
+from triplet.engine import make_loader
 
 LABELS = [1] * 5 + [2] * 3 + [3] * 2 + [7] * 6
 
@@ -77,6 +78,23 @@ def test_a_seeded_key_gives_the_same_augmentation_anywhere_and_leaves_the_caller
     assert torch.equal(dataset[(3, 12345)][0], first) and label == labels[3]
     assert not torch.equal(dataset[(3, 54321)][0], first)
     assert first.dtype == torch.uint8 and first.shape == (3, 32, 32)  # normalised on the device
+
+
+def test_batches_are_the_same_loaded_between_steps_or_by_a_worker(synthetic_root):
+    """A small CPU loads in the main process (``runtime.default_workers``), with all its threads;
+    a worker has one. The run must not depend on which: same keys, same pixels."""
+    paths, labels = read_manifest(prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=48)), "train")
+    dataset = ImageDataset(paths, labels, TrainTransform(40))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = {workers: [images for images, _ in make_loader(dataset, torch.device("cpu"), workers,
+                                                                  batch_sampler=TripletBatchSampler(labels, 4))]
+                   for workers in (0, 1)}
+    finally:
+        torch.set_num_threads(threads)
+    assert len(batches[0]) == len(batches[1]) > 1
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1]))
 
 
 def test_a_class_with_one_image_is_refused():

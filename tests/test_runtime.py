@@ -117,12 +117,46 @@ def test_workers_per_process_come_from_the_processes_on_this_machine(monkeypatch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert runtime.default_workers(CUDA) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert runtime.default_workers(CUDA) == 7 and runtime.default_workers(CPU) == 1
+    assert runtime.default_workers(CUDA) == 7 and runtime.default_workers(torch.device("mps")) == 7
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert runtime.default_workers(CUDA) == 15
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # one core each: decoding shares the main process's
-    assert runtime.default_workers(CUDA) == 1 and runtime.default_workers(CPU) == 0
+    assert runtime.default_workers(CUDA) == 1 and runtime.default_workers(CPU, threads=1) == 0
+
+
+def test_a_cpu_run_gives_a_worker_only_a_core_its_threads_leave_free(monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert runtime.default_workers(CPU, threads=2) == 0  # 2 cores, both computing: load between steps
+    assert runtime.default_workers(CPU, threads=1) == 1  # OMP_NUM_THREADS=1 leaves a core idle
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 64)
+    assert runtime.default_workers(CPU, threads=32) == 1  # 32 cores with SMT: a sibling is free
+    assert runtime.default_workers(CPU, threads=64) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 16 CPUs each
+    assert runtime.default_workers(CPU, threads=16) == 0 and runtime.default_workers(CPU, threads=8) == 1
+
+
+@pytest.fixture
+def cpu_threads(monkeypatch):
+    """torch's intra-op threads, restored after the test; no OMP_NUM_THREADS unless the test sets one."""
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_cpu_of_eight_cores_or_more_keeps_one_for_the_loader_worker(monkeypatch, cpu_threads):
+    for cores, threads, expected in [(2, 2, 2), (4, 4, 4), (8, 8, 7), (12, 12, 11), (12, 6, 6)]:
+        monkeypatch.setattr(runtime, "usable_cores", lambda: cores)
+        torch.set_num_threads(threads)
+        assert runtime.set_cpu_threads(CPU) == expected == torch.get_num_threads(), (cores, threads)
+        assert runtime.default_workers(CPU) == (1 if cores > expected else 0)
+    torch.set_num_threads(8)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    assert runtime.set_cpu_threads(CUDA) == 8  # a GPU run's threads are not the loader's concern
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's choice (torchrun sets 1) stands
+    assert runtime.set_cpu_threads(CPU) == 8 and runtime.default_workers(CPU) == 0
 
 
 @pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")

@@ -75,7 +75,7 @@ def test_run_folder_and_checkpoint_round_trip(tiny_run):
     assert checkpoint["model_args"] == {"backbone": "resnet18", "embedding_dim": 128, "image_size": 32}
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["options"]["lr"] == 0.001 and config["environment"]["torch"] == torch.__version__
-    assert {"git_commit", "device", "torchvision", "allocator"} <= set(config["environment"])
+    assert {"git_commit", "device", "torchvision", "allocator", "threads"} <= set(config["environment"])
     # The model rebuilt from the checkpoint alone reproduces the saved test embeddings.
     model, _ = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
     saved = np.load(tiny_run / "test_embeddings.npz")

@@ -103,18 +103,46 @@ def grad_scaler(device, precision):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-def default_workers(device):
-    """DataLoader workers per process, from the cores this machine's processes share
-    (LOCAL_WORLD_SIZE, not the global world size: other machines' processes have their own cores).
+# From this many cores (per process) up, a CPU run gives one core to a loader worker instead of
+# loading between steps: one worker decodes about 600 images/s (docs/speed.md), so on fewer cores
+# the core it would take is worth more to the model than the overlap is.
+RESERVE_CORE_FROM = 8
 
-    GPU: every core but one each process keeps for itself, since decoding JPEGs on the CPU is
-    what feeds a GPU (docs/gpu.md has the arithmetic); CPU: one worker decodes while the main
-    process computes; more only steal its cores.
+
+def _cores_each():
+    """The logical CPUs this process may count as its own: the machine's usable ones shared among
+    its processes (LOCAL_WORLD_SIZE, not the global world size: other machines have their own)."""
+    return usable_cores() // dist.local_world_size()
+
+
+def set_cpu_threads(device):
+    """On a CPU of RESERVE_CORE_FROM or more cores whose intra-op threads take every one of them,
+    leave one core to the DataLoader worker (``default_workers``). OMP_NUM_THREADS, when set, is
+    the user's (or torchrun's) choice and is kept. Returns the intra-op threads now in use."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and threads >= _cores_each() >= RESERVE_CORE_FROM:
+        torch.set_num_threads(_cores_each() - 1)
+    return torch.get_num_threads()
+
+
+def default_workers(device, threads=None):
+    """DataLoader workers per process.
+
+    GPU (CUDA, MPS): every core but one each process keeps for itself, since decoding JPEGs on the
+    CPU is what feeds a GPU (docs/gpu.md has the arithmetic).
+
+    CPU: one worker where the intra-op threads (``threads``, torch's by default) leave a logical CPU
+    free for it (SMT siblings, a smaller OMP_NUM_THREADS, or the core ``set_cpu_threads`` keeps);
+    otherwise none, and the main process loads each batch between steps. A worker that shares a
+    core with an intra-op thread slows that thread, and every parallel region waits for its
+    slowest thread: on 2 cores one worker cost a ResNet18 step 0.23 s for its 0.13 s of decoding,
+    loading between steps 0.12 s (docs/speed.md).
     """
-    cores_each = usable_cores() // dist.local_world_size()
-    if device.type == "cuda":
+    cores_each = _cores_each()
+    if device.type != "cpu":
         return max(1, cores_each - 1)
-    return 1 if cores_each > 1 else 0
+    threads = torch.get_num_threads() if threads is None else threads
+    return 1 if cores_each > threads else 0
 
 
 def compile_model(model, device):
@@ -144,5 +172,5 @@ def environment(device, precision, world_size=1, precision_reason=None):
 
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
-            "device_name": device_name(device), "allocator": allocator_name(),
+            "device_name": device_name(device), "allocator": allocator_name(), "threads": torch.get_num_threads(),
             "precision": precision, "precision_reason": precision_reason, "world_size": world_size}

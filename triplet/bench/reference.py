@@ -68,4 +68,4 @@ def reference_train(device, backbone, paths, labels, image_size, batch_size, war
         optimizer.step()
         running_loss += loss.item()
     return {"data": "original JPEGs, PIL + transforms v1", "precision": "fp32", "memory_format": "contiguous",
-            "workers": 2, **step_speed(seconds[0], steps, batch_size), **memory_report(device)}
+            "workers": 2, "threads": torch.get_num_threads(), **step_speed(seconds[0], steps, batch_size), **memory_report(device)}

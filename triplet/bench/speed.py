@@ -51,6 +51,7 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
                    compiled=False):
     """Triplets/s of the suite's data path and training step with its defaults."""
     device = torch.device(device)
+    runtime.set_cpu_threads(device)
     model = _suite_model(device, backbone)
     workers = runtime.default_workers(device)
     loader = engine.make_loader(ImageDataset(paths, labels, TrainTransform(image_size)), device, workers,
@@ -63,6 +64,7 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
                            scaler=runtime.grad_scaler(device, precision))
     return {"data": "prepared copy, torchvision.io + transforms v2", "precision": precision,
             "memory_format": "channels_last, compiled" if compiled else "channels_last", "workers": workers,
+            "threads": torch.get_num_threads(),
             **step_speed(seconds[0], steps, batch_size), **memory_report(device)}
 
 
@@ -82,6 +84,7 @@ def data_path_speed(paths, labels, image_size, batch_size, batches):
 def embedding_speed(device, backbone, paths, labels, image_size, batch_size, precision):
     """Images/s of evaluation embedding (``engine.embed``), after a warm-up batch."""
     device = torch.device(device)
+    runtime.set_cpu_threads(device)
     model = _suite_model(device, backbone).eval()
     with torch.inference_mode(), runtime.autocast(device, precision):  # warm-up: kernels, caches
         model(engine.to_device(torch.zeros(min(batch_size, len(paths)), 3, image_size, image_size), device))
@@ -93,7 +96,7 @@ def embedding_speed(device, backbone, paths, labels, image_size, batch_size, pre
     engine.embed(model, loader, device, precision)  # returns NumPy: the device is done
     seconds = time.perf_counter() - start
     return {"images": len(paths), "seconds": round(seconds, 3), "images_per_s": round(len(paths) / seconds, 2),
-            "precision": precision, "workers": workers, **memory_report(device)}
+            "precision": precision, "workers": workers, "threads": torch.get_num_threads(), **memory_report(device)}
 
 
 def profile_training_step(device, backbone, image_size, batch_size, precision):

@@ -40,7 +40,7 @@ def training_table(report):
         f"Peak memory: {memory}. The reference is the plain implementation in triplet/bench/reference.py, "
         f"with the C library's malloc; the suite starts with the allocator `make` starts train.py with "
         f"({m.get('allocator_library') or NO_TCMALLOC}).", "",
-        "| Backbone | Path | Data | Precision | Workers | Allocator | Triplets/s | Images/s | vs reference | s/step "
+        "| Backbone | Path | Data | Precision | Workers, threads | Allocator | Triplets/s | Images/s | vs reference | s/step "
         "| Peak memory (MiB) | Share of matmul peak |",
         "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -51,8 +51,9 @@ def training_table(report):
                 label = LABELS.get(name, name)
                 key = RATIO_KEYS.get(name)
                 ratio = f"**{result[key]:.2f}x** ({_range(result[key + '_rounds'], 'x')})" if key else "1.00x"
+                workers = f"{r['workers']}, {r['threads']}" if "threads" in r else r["workers"]
                 lines.append(f"| {backbone} | {label} | {r['data']} | {r['precision']}, {r['memory_format']} | "
-                             f"{r['workers']} | {r.get('allocator', '')} | "
+                             f"{workers} | {r.get('allocator', '')} | "
                              f"{r['triplets_per_s']:.2f} ({_range(r['rounds'])}) | "
                              f"{3 * r['triplets_per_s']:.1f} | {ratio} | {r['step_s']:.2f} | {peak_mb(r):,.0f} | "
                              f"{100 * r['share_of_peak']:.1f}% of {r['share_of']} |")
