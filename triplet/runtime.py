@@ -104,8 +104,10 @@ def grad_scaler(device, precision):
 
 
 # From this many cores (per process) up, a CPU run gives one core to a loader worker instead of
-# loading between steps: one worker decodes about 600 images/s (docs/speed.md), so on fewer cores
-# the core it would take is worth more to the model than the overlap is.
+# loading between steps. Loading in line costs a step its decoding, D (96 images at about 600/s:
+# 0.16 s); a core kept back costs C/(n-1) - C/n of the step's compute C, which was 5.3 core-seconds
+# for ResNet18 in bf16 on AVX-512-bf16 cores (docs/speed.md). They break even near n(n-1) = C/D:
+# about 6 cores for ResNet18 and 9 for ResNet34 there, fewer on faster (AMX) cores.
 RESERVE_CORE_FROM = 8
 
 
