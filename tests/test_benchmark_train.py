@@ -129,3 +129,13 @@ def test_a_measurement_starts_with_the_allocator_it_is_given(monkeypatch):
     # libc stands in for tcmalloc (a library every Linux has): the process is started with it preloaded
     assert in_fresh_process(allocator_seen, env={"LD_PRELOAD": "libc.so.6"})[1] == "libc.so.6"
     assert "LD_PRELOAD" not in os.environ  # the parent's environment is as it was
+
+
+def test_the_suite_model_is_built_for_the_benchmark_image_size():
+    """ViTs are tied to one input size: the benchmark's model must be built for --image-size, as
+    train.py builds it, or a ViT cannot be benchmarked below 224 px."""
+    from triplet.bench.speed import _suite_model
+
+    model = _suite_model(torch.device("cpu"), "vit_b_16", 32)
+    assert model.trunk.image_size == 32
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 128)

@@ -55,7 +55,7 @@ def reference_train(device, backbone, paths, labels, image_size, batch_size, war
     ])
     loader = DataLoader(PlainTripletDataset(paths, labels, transform), batch_size=batch_size,
                         shuffle=True, num_workers=2)
-    model = build_model(backbone).to(device)
+    model = build_model(backbone, image_size=image_size).to(device)
     criterion = nn.TripletMarginLoss(margin=1.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     model.train()

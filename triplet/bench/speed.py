@@ -39,12 +39,13 @@ def step_speed(seconds, steps, batch_size):
             "images_per_s": round(3 * steps * batch_size / seconds, 2)}
 
 
-def _suite_model(device, backbone):
-    """A seeded model on ``device`` in channels_last, with cuDNN autotuning as scripts/train.py."""
+def _suite_model(device, backbone, image_size):
+    """A seeded model for ``image_size`` (ViTs are built for one) on ``device`` in channels_last,
+    with cuDNN autotuning as scripts/train.py."""
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return build_model(backbone).to(device, memory_format=torch.channels_last)
+    return build_model(backbone, image_size=image_size).to(device, memory_format=torch.channels_last)
 
 
 def training_speed(device, backbone, paths, labels, image_size, batch_size, warmup, steps, precision,
@@ -52,7 +53,7 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
     """Triplets/s of the suite's data path and training step with its defaults."""
     device = torch.device(device)
     runtime.set_cpu_threads(device)
-    model = _suite_model(device, backbone)
+    model = _suite_model(device, backbone, image_size)
     workers = runtime.default_workers(device)
     loader = engine.make_loader(ImageDataset(paths, labels, TrainTransform(image_size)), device, workers,
                                 batch_sampler=TripletBatchSampler(labels, batch_size), persistent=True)
@@ -85,7 +86,7 @@ def embedding_speed(device, backbone, paths, labels, image_size, batch_size, pre
     """Images/s of evaluation embedding (``engine.embed``), after a warm-up batch."""
     device = torch.device(device)
     runtime.set_cpu_threads(device)
-    model = _suite_model(device, backbone).eval()
+    model = _suite_model(device, backbone, image_size).eval()
     with torch.inference_mode(), runtime.autocast(device, precision):  # warm-up: kernels, caches
         model(engine.to_device(torch.zeros(min(batch_size, len(paths)), 3, image_size, image_size), device))
     workers = runtime.default_workers(device)
@@ -109,7 +110,7 @@ def profile_training_step(device, backbone, image_size, batch_size, precision):
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(device)
-    model = _suite_model(device, backbone)
+    model = _suite_model(device, backbone, image_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8)
     batch = [(images, torch.zeros(3 * batch_size, dtype=torch.long))]
