@@ -33,7 +33,8 @@ class Options(DataOptions):
                 "added), or a checkpoint path"})
     data_dir: str = field(default="", metadata={"help": "data folder (default: the one the run was trained on)"})
     batch_size: int = field(default=128, metadata={"help": "images per embedding batch"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: automatic)"})
+    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: on a GPU, the cores less one; on a CPU, 1 where the "
+                                                          "compute threads leave a core free, else 0: images load between batches)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "where to embed"})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"], "help": "autocast precision (auto: as train.py decides)"})
     seed: int = field(default=0, metadata={
@@ -88,7 +89,7 @@ def main(opts):
     data = run_data_options(options, opts.data_dir)
     device = runtime.resolve_device(opts.device)
     precision = runtime.resolve_precision(opts.precision, device)
-    runtime.set_cpu_threads(device)
+    runtime.set_cpu_threads(device, opts.workers)
     workers = runtime.default_workers(device) if opts.workers < 0 else opts.workers
     if not (run_dir / "config.json").exists():  # a new baseline folder: record how it was made
         runs.write_config(run_dir, {"options": options, "environment": runtime.environment(device, precision)})

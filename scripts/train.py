@@ -46,7 +46,8 @@ class Options(DataOptions):
                 "default 0.08). Raise it (0.3-0.5) when the object is small or must stay whole"})
     workers: int = field(default=-1, metadata={"role": "runtime",
         "help": "DataLoader workers per process (-1: on a GPU, the cores this machine gives each process, less one; "
-                "on a CPU, 1 where the compute threads leave a core free, else 0: batches load between steps)"})
+                "on a CPU, 1 where the compute threads leave a core free, else 0: batches load between steps. "
+                "From 8 cores up a CPU run keeps one core for its worker; OMP_NUM_THREADS, when set, decides instead)"})
     eval_batch_size: int = field(default=128, metadata={"role": "runtime", "help": "images per batch when embedding for validation"})
     device: str = field(default="auto", metadata={"role": "runtime", "choices": ["auto", "cpu", "cuda", "mps"], "help": "auto: cuda, then mps, then cpu"})
     precision: str = field(default="auto", metadata={"role": "runtime",
@@ -134,7 +135,7 @@ def main(opts):
     device = runtime.resolve_device(opts.device)  # first: the DDP backend follows the device
     dist.init_distributed(device)
     precision, precision_reason = runtime.choose_precision(opts.precision, device)
-    runtime.set_cpu_threads(device)  # before config.json records the threads and the workers follow them
+    runtime.set_cpu_threads(device, opts.workers)  # before config.json records the threads; the workers follow them
     seed_everything(opts.seed, deterministic=opts.deterministic)
     if device.type == "cuda" and not opts.deterministic:
         torch.backends.cudnn.benchmark = True

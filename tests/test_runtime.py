@@ -117,7 +117,7 @@ def test_workers_per_process_come_from_the_processes_on_this_machine(monkeypatch
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert runtime.default_workers(CUDA) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert runtime.default_workers(CUDA) == 7 and runtime.default_workers(torch.device("mps")) == 7
+    assert runtime.default_workers(CUDA) == 7 and runtime.default_workers(torch.device("mps")) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert runtime.default_workers(CUDA) == 15
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
@@ -126,6 +126,7 @@ def test_workers_per_process_come_from_the_processes_on_this_machine(monkeypatch
 
 
 def test_a_cpu_run_gives_a_worker_only_a_core_its_threads_leave_free(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     assert runtime.default_workers(CPU, threads=2) == 0  # 2 cores, both computing: load between steps
     assert runtime.default_workers(CPU, threads=1) == 1  # OMP_NUM_THREADS=1 leaves a core idle
@@ -147,11 +148,18 @@ def cpu_threads(monkeypatch):
 
 
 def test_a_cpu_of_eight_cores_or_more_keeps_one_for_the_loader_worker(monkeypatch, cpu_threads):
-    for cores, threads, expected in [(2, 2, 2), (4, 4, 4), (8, 8, 7), (12, 12, 11), (12, 6, 6)]:
-        monkeypatch.setattr(runtime, "usable_cores", lambda: cores)
+    for cores, threads, expected in [(2, 2, 2), (4, 4, 4), (8, 8, 7), (12, 12, 11), (12, 6, 6), (4, 16, 4)]:
+        monkeypatch.setattr(runtime, "usable_cores", lambda cores=cores: cores)
         torch.set_num_threads(threads)
         assert runtime.set_cpu_threads(CPU) == expected == torch.get_num_threads(), (cores, threads)
         assert runtime.default_workers(CPU) == (1 if cores > expected else 0)
+    torch.set_num_threads(8)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
+    assert runtime.set_cpu_threads(CPU, workers=0) == 8  # --workers 0: every core computes
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # a launcher that leaves OMP_NUM_THREADS unset: 4 each, not 8
+    assert runtime.set_cpu_threads(CPU) == 4 and runtime.default_workers(CPU) == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     torch.set_num_threads(8)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
     assert runtime.set_cpu_threads(CUDA) == 8  # a GPU run's threads are not the loader's concern

@@ -103,11 +103,12 @@ def grad_scaler(device, precision):
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
-# From this many cores (per process) up, a CPU run gives one core to a loader worker instead of
-# loading between steps. Loading in line costs a step its decoding, D (96 images at about 600/s:
-# 0.16 s); a core kept back costs C/(n-1) - C/n of the step's compute C, which was 5.3 core-seconds
-# for ResNet18 in bf16 on AVX-512-bf16 cores (docs/speed.md). They break even near n(n-1) = C/D:
-# about 6 cores for ResNet18 and 9 for ResNet34 there, fewer on faster (AMX) cores.
+# From this many logical CPUs per process up, a CPU run keeps one of them for its loader worker
+# instead of loading between steps. Loading in line costs a step its decoding, D (96 images:
+# 0.13-0.16 s); a core kept back costs C/(n-1) - C/n of the step's compute C (5.3 core-seconds for
+# ResNet18 in bf16 on AVX-512-bf16 cores, about 10 for ResNet34; docs/speed.md). They break even
+# near n(n-1) = C/D: about 6-7 cores for ResNet18 and 8-9 for ResNet34 there, fewer on faster
+# (AMX) cores.
 RESERVE_CORE_FROM = 8
 
 
@@ -117,21 +118,27 @@ def _cores_each():
     return usable_cores() // dist.local_world_size()
 
 
-def set_cpu_threads(device):
-    """On a CPU of RESERVE_CORE_FROM or more cores whose intra-op threads take every one of them,
-    leave one core to the DataLoader worker (``default_workers``). OMP_NUM_THREADS, when set, is
-    the user's (or torchrun's) choice and is kept. Returns the intra-op threads now in use."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and threads >= _cores_each() >= RESERVE_CORE_FROM:
-        torch.set_num_threads(_cores_each() - 1)
+def set_cpu_threads(device, workers=-1):
+    """Torch's intra-op threads for a CPU run: at most the logical CPUs this process may count as
+    its own (a launcher that starts several processes without OMP_NUM_THREADS would oversubscribe
+    them), and from RESERVE_CORE_FROM up one fewer, for the DataLoader worker (``workers``: the
+    ``--workers`` option; 0 keeps every core computing). OMP_NUM_THREADS, when set, is the user's
+    (or torchrun's) choice and is kept. Returns the threads now in use."""
+    cores_each = max(1, _cores_each())
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = min(torch.get_num_threads(), cores_each)
+        if threads == cores_each >= RESERVE_CORE_FROM and workers != 0:
+            threads -= 1
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
     return torch.get_num_threads()
 
 
 def default_workers(device, threads=None):
     """DataLoader workers per process.
 
-    GPU (CUDA, MPS): every core but one each process keeps for itself, since decoding JPEGs on the
-    CPU is what feeds a GPU (docs/gpu.md has the arithmetic).
+    CUDA: every core but one each process keeps for itself, since decoding JPEGs on the CPU is
+    what feeds a GPU (docs/gpu.md has the arithmetic). MPS: one, where the process has two cores.
 
     CPU: one worker where the intra-op threads (``threads``, torch's by default) leave a logical CPU
     free for it (SMT siblings, a smaller OMP_NUM_THREADS, or the core ``set_cpu_threads`` keeps);
@@ -141,8 +148,10 @@ def default_workers(device, threads=None):
     loading between steps 0.12 s (docs/speed.md).
     """
     cores_each = _cores_each()
-    if device.type != "cpu":
+    if device.type == "cuda":
         return max(1, cores_each - 1)
+    if device.type != "cpu":
+        return 1 if cores_each > 1 else 0
     threads = torch.get_num_threads() if threads is None else threads
     return 1 if cores_each > threads else 0
 

@@ -110,6 +110,7 @@ def profile_training_step(device, backbone, image_size, batch_size, precision):
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(device)
+    runtime.set_cpu_threads(device)  # the threads the timed rows ran with
     model = _suite_model(device, backbone, image_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8)
