@@ -49,6 +49,7 @@ class Options(DataOptions):
         check(self.run, "--run is required: the run folder to evaluate")
         check_backbone(self.backbone)
         check(self.batch_size >= 1, "--batch-size must be >= 1")
+        check(self.workers >= -1, f"--workers {self.workers}: must be -1 (automatic), 0 or more")
 
 
 def load_model(opts, run_dir):

@@ -74,6 +74,7 @@ class Options(DataOptions):
         check(self.embedding_dim >= 1, f"--embedding-dim {self.embedding_dim}: must be >= 1")
         check(self.margin > 0, f"--margin {self.margin}: must be > 0")
         check(self.image_size >= 16, f"--image-size {self.image_size}: must be >= 16")
+        check(self.workers >= -1, f"--workers {self.workers}: must be -1 (automatic), 0 or more")
         check(0 < self.crop_scale <= 1, f"--crop-scale {self.crop_scale}: must be in (0, 1]")
         check(self.mining == "none" or self.batch_size % self.samples_per_class == 0,
               f"--batch-size {self.batch_size} must be a multiple of --samples-per-class {self.samples_per_class}")

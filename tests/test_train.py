@@ -178,6 +178,7 @@ def test_an_option_added_since_a_run_was_made_counts_as_its_default(tmp_path):
     (["--crop-scale", "0"], "--crop-scale 0.0: must be in (0, 1]"),
     (["--epochs", "0"], "--epochs 0: must be >= 1"),
     (["--batch-size", "1"], "--batch-size 1: must be >= 2"),
+    (["--workers", "-2"], "--workers -2: must be -1 (automatic), 0 or more"),
     (["--backbone", "vgg1600"], "--backbone 'vgg1600': not a torchvision classification model; did you mean"),
     (["--mining", "hard", "--batch-size", "56", "--samples-per-class", "4"], "PK batches need P"),
     (["--data-dir", "/nonexistent/data"], "no prepared data"),
@@ -254,6 +255,12 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tiny_run, tmp_path):
 def test_evaluate_missing_run_folder(tmp_path):
     result = run_script("evaluate", "--run", tmp_path / "missing", check=False)
     assert result.returncode == 2 and "run folder not found" in result.stderr
+
+
+def test_evaluate_refuses_a_negative_worker_count_other_than_automatic(tiny_run):
+    status, output = call_script("evaluate", "--run", tiny_run, "--workers", -3)
+    assert status == 2 and "--workers -3: must be -1 (automatic), 0 or more" in output
+    assert len(output.strip().splitlines()) == 1
 
 
 def test_runtime_and_extendable_options_may_change_on_resume_and_recipe_options_may_not(tmp_path):
