@@ -198,6 +198,7 @@ def main(opts):
         log(tip)
     log(f"training {opts.backbone} on {device} ({precision}: {precision_reason}), {len(train_paths)} train / {len(val_paths)} val "
         f"images, {len(train_loader)} steps per epoch, mining={opts.mining}, workers={workers}"
+        + (" (batches load between steps)" if workers == 0 and not opts.gpu_cache else "")
         + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""))
 
     def validate():

@@ -3,6 +3,7 @@ import copy
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def test_resume_and_determinism(synthetic_root, tmp_path):
     assert load_checkpoint(resumed / "checkpoint_last.pt")["epoch"] == 0
     result = run_script("train", *train_args(synthetic_root, resumed, "--epochs", 2, "--resume"))
     assert "resuming" in result.stdout
+    assert re.search(r"workers=0 \(batches load between steps\), \d+ threads", result.stdout)
     run_script("evaluate", "--run", resumed, "--workers", 0)
     assert read_history(straight) == read_history(twin) == read_history(resumed)
     strip = lambda m: {k: v for k, v in m.items() if k != "checkpoint"}  # noqa: E731
