@@ -66,6 +66,39 @@ def test_a_second_lock_in_any_process_names_the_holder(tmp_path):
     lock_run_dir(tmp_path / "run").close()  # released: free again
 
 
+def test_on_windows_the_lock_is_msvcrt_s_and_the_holder_stays_readable(tmp_path, monkeypatch):
+    """Windows has no flock: ``msvcrt.locking`` locks one byte far past the PID (a locked byte is
+    unreadable to others). A stand-in msvcrt holds (file, offset) per open descriptor, as Windows
+    holds a lock until its handle closes; this checks the path, not Windows itself."""
+    import types
+
+    from triplet import runs
+
+    held, calls = {}, []
+
+    def locking(fd, mode, nbytes):
+        key = (os.fstat(fd).st_ino, os.lseek(fd, 0, os.SEEK_CUR))
+        calls.append((key[1], mode, nbytes))
+        holder = held.get(key)
+        try:
+            still_open = holder is not None and holder != fd and os.fstat(holder).st_ino == key[0]
+        except OSError:
+            still_open = False
+        if still_open:
+            raise PermissionError(13, "Permission denied")
+        held[key] = fd
+
+    monkeypatch.setattr(runs, "fcntl", None)
+    monkeypatch.setattr(runs, "msvcrt", types.SimpleNamespace(locking=locking, LK_NBLCK=2))
+    handle = lock_run_dir(tmp_path / "run")
+    assert calls == [(runs.WINDOWS_LOCK_OFFSET, 2, 1)]
+    assert (tmp_path / "run" / ".lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(UserError, match=rf"in use by another training process \(PID {os.getpid()}\)"):
+        lock_run_dir(tmp_path / "run")
+    handle.close()
+    lock_run_dir(tmp_path / "run").close()  # released: free again
+
+
 def test_a_run_folder_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="--out .*notes.txt: cannot use it as a run folder"):

@@ -17,8 +17,12 @@ from triplet.fileio import read_json_object, remove_stale_temporaries, write_csv
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; runs there are not protected against a second process
+except ImportError:  # Windows: no flock; msvcrt's byte-range locks instead
     fcntl = None
+try:
+    import msvcrt
+except ImportError:
+    msvcrt = None
 
 # Option roles (a field's ``metadata["role"]``): "runtime" options decide where or how fast a run
 # goes, never its numbers; "extendable" ones may grow on --resume (more epochs). Both may differ
@@ -44,6 +48,9 @@ RUN_FILES = ["config.json", "history.csv", "checkpoint_last.pt", "checkpoint_bes
              "metrics_untrained.json", "test_embeddings.npz", "test_embeddings_untrained.npz", "curves.png",
              "tsne.png", "pca.png", "retrieval.png"]
 LOCK_FILE = ".lock"
+# Windows locks a byte range, and a locked byte cannot be read by anyone else: lock one far past
+# the PID the file holds, so a second process can still read who holds the folder.
+WINDOWS_LOCK_OFFSET = 2**30
 NUMERIC_METRICS = ("precision_at_1", "epoch", "num_images", "num_classes")  # what ranking and reports rely on
 
 
@@ -86,11 +93,20 @@ def read_metrics(path, numeric=NUMERIC_METRICS):
     return metrics
 
 
+def _lock(handle):
+    """An exclusive lock on ``handle``'s file that fails at once when another process holds it."""
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    elif msvcrt is not None:
+        os.lseek(handle.fileno(), WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+
+
 def lock_run_dir(run_dir):
     """Hold ``run_dir`` for this process until it exits; return the open lock file (keep it).
 
-    ``flock`` dies with the process, so a killed run never leaves a stale lock; the file holds
-    the holder's PID for the error a second process gets.
+    The lock (``flock``; on Windows ``msvcrt.locking``) dies with the process, so a killed run
+    never leaves a stale lock; the file holds the holder's PID for the error a second process gets.
     """
     run_dir = Path(run_dir)
     try:
@@ -98,10 +114,8 @@ def lock_run_dir(run_dir):
         handle = open(run_dir / LOCK_FILE, "a+")
     except OSError as e:
         raise UserError(f"--out {run_dir}: cannot use it as a run folder ({e.strerror}); choose another --out") from e
-    if fcntl is None:
-        return handle
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(handle)
     except OSError as e:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
