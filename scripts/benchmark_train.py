@@ -12,7 +12,7 @@ the same batch, it times --steps training steps after --warmup steps of
   fp32, ``nn.TripletMarginLoss``, Adam, a default DataLoader with 2 workers, the C library's malloc;
 * the suite (``triplet.bench.speed.training_speed``): the prepared copy (short side --resize),
   ``TrainTransform`` (uint8, normalised on the device), ``TripletBatchSampler``,
-  ``engine.make_loader`` with ``runtime.default_workers`` and persistent workers, and
+  ``engine.make_loader`` with ``runtime.loader_workers`` and persistent workers, and
   ``engine.train_one_epoch`` with ``--precision auto`` and channels_last, as ``scripts/train.py``
   runs them, with tcmalloc preloaded where the machine has it, as ``make`` starts train.py;
 

@@ -90,8 +90,7 @@ def main(opts):
     data = run_data_options(options, opts.data_dir)
     device = runtime.resolve_device(opts.device)
     precision = runtime.resolve_precision(opts.precision, device)
-    runtime.set_cpu_threads(device, opts.workers)
-    workers = runtime.default_workers(device) if opts.workers < 0 else opts.workers
+    workers = runtime.loader_workers(device, opts.workers)
     if not (run_dir / "config.json").exists():  # a new baseline folder: record how it was made
         runs.write_config(run_dir, {"options": options, "environment": runtime.environment(device, precision)})
     prepared = prepared_dir(data)

@@ -136,7 +136,7 @@ def main(opts):
     device = runtime.resolve_device(opts.device)  # first: the DDP backend follows the device
     dist.init_distributed(device)
     precision, precision_reason = runtime.choose_precision(opts.precision, device)
-    runtime.set_cpu_threads(device, opts.workers)  # before config.json records the threads; the workers follow them
+    workers = runtime.loader_workers(device, opts.workers)  # sets the CPU threads config.json records
     seed_everything(opts.seed, deterministic=opts.deterministic)
     if device.type == "cuda" and not opts.deterministic:
         torch.backends.cudnn.benchmark = True
@@ -159,7 +159,6 @@ def main(opts):
     train_paths, train_labels = read_manifest(prepared, "train")
     val_paths, val_labels = read_manifest(prepared, "val")
     check_triplet_ready(train_labels, f"training split of {prepared}")
-    workers = runtime.default_workers(device) if opts.workers < 0 else opts.workers
     train_loader, sampler, prepare = make_train_loader(opts, train_paths, train_labels, device,
                                                        0 if opts.gpu_cache else workers)
     if len(train_loader) == 0:

@@ -156,6 +156,11 @@ def test_a_cpu_of_eight_cores_or_more_keeps_one_for_the_loader_worker(monkeypatc
     torch.set_num_threads(8)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 8)
     assert runtime.set_cpu_threads(CPU, workers=0) == 8  # --workers 0: every core computes
+    # loader_workers (train.py, evaluate.py) sets the threads first, so the worker finds its core
+    assert runtime.loader_workers(CPU) == 1 and torch.get_num_threads() == 7
+    torch.set_num_threads(8)
+    assert runtime.loader_workers(CPU, 3) == 3 and torch.get_num_threads() == 7  # --workers 3 as asked
+    torch.set_num_threads(8)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 16)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # a launcher that leaves OMP_NUM_THREADS unset: 4 each, not 8
     assert runtime.set_cpu_threads(CPU) == 4 and runtime.default_workers(CPU) == 0

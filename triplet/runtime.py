@@ -156,6 +156,13 @@ def default_workers(device, threads=None):
     return 1 if cores_each > threads else 0
 
 
+def loader_workers(device, workers=-1):
+    """The DataLoader workers for ``--workers`` (-1: ``default_workers``), after ``set_cpu_threads``
+    has made room for them: the two decisions in the order the second depends on the first."""
+    set_cpu_threads(device, workers)
+    return default_workers(device) if workers < 0 else workers
+
+
 def compile_model(model, device):
     """torch.compile; on a CPU with one compile thread, because parallel compile workers compete
     with the compiling process for a small CPU's cores (docs/speed.md has the measurements)."""

@@ -52,9 +52,8 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
                    compiled=False):
     """Triplets/s of the suite's data path and training step with its defaults."""
     device = torch.device(device)
-    runtime.set_cpu_threads(device)
+    workers = runtime.loader_workers(device)
     model = _suite_model(device, backbone, image_size)
-    workers = runtime.default_workers(device)
     loader = engine.make_loader(ImageDataset(paths, labels, TrainTransform(image_size)), device, workers,
                                 batch_sampler=TripletBatchSampler(labels, batch_size), persistent=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
@@ -85,11 +84,10 @@ def data_path_speed(paths, labels, image_size, batch_size, batches):
 def embedding_speed(device, backbone, paths, labels, image_size, batch_size, precision):
     """Images/s of evaluation embedding (``engine.embed``), after a warm-up batch."""
     device = torch.device(device)
-    runtime.set_cpu_threads(device)
+    workers = runtime.loader_workers(device)
     model = _suite_model(device, backbone, image_size).eval()
     with torch.inference_mode(), runtime.autocast(device, precision):  # warm-up: kernels, caches
         model(engine.to_device(torch.zeros(min(batch_size, len(paths)), 3, image_size, image_size), device))
-    workers = runtime.default_workers(device)
     loader = engine.make_loader(ImageDataset(paths, labels, EvalTransform(image_size)), device, workers,
                                 batch_size=batch_size)
     synchronize(device)
