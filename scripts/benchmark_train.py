@@ -200,7 +200,7 @@ def benchmark_backbone(opts, machine, backbone, train, test):
 def main(opts):
     # torch and everything over it are imported here, not at the top, so that --help is instant
     from triplet.bench.speed import data_path_speed, probe_machine
-    from triplet.bench.timing import gmacs_224, in_fresh_process, write_results
+    from triplet.bench.timing import batches_to_time, gmacs_224, in_fresh_process, write_results
     from triplet.data.datasets import check_triplet_ready
 
     machine = in_fresh_process(probe_machine, device=opts.device)  # first: a bad --device fails fast
@@ -219,8 +219,8 @@ def main(opts):
         root = data_dir / ROOT
         train_paths, train_labels = read_manifest(prepared, "train")
         check_triplet_ready(train_labels, f"training split of {prepared}")
-        # enough batches for the warm-up, the drained prefetch (up to 8 workers x 4) and the timed steps
-        suite_paths, labels = repeated(train_paths, train_labels, (opts.warmup + 32 + opts.steps) * opts.batch_size)
+        # a list of paths repeated, so its length costs nothing
+        suite_paths, labels = repeated(train_paths, train_labels, batches_to_time(opts.warmup, opts.steps) * opts.batch_size)
         originals = [root / "images" / Path(p).relative_to(prepared / "images") for p in suite_paths]
         test = read_manifest(prepared, "test")
         data_path = in_fresh_process(data_path_speed, paths=suite_paths, labels=labels, image_size=opts.image_size,

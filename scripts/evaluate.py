@@ -33,7 +33,7 @@ class Options(DataOptions):
                 "added), or a checkpoint path"})
     data_dir: str = field(default="", metadata={"help": "data folder (default: the one the run was trained on)"})
     batch_size: int = field(default=128, metadata={"help": "images per embedding batch"})
-    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: on a GPU, the cores less one; on a CPU, 1 where the "
+    workers: int = field(default=-1, metadata={"help": "DataLoader workers (-1: on a GPU, the cores less one, at most 16; on a CPU, 1 where the "
                                                           "compute threads leave a core free, else 0: images load between batches)"})
     device: str = field(default="auto", metadata={"choices": ["auto", "cpu", "cuda", "mps"], "help": "where to embed"})
     precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16", "fp16"], "help": "autocast precision (auto: as train.py decides)"})

@@ -6,7 +6,7 @@
 
 Writes the set it trains on (--workdir), then runs, each as its own command with its own timeout:
 train 1 epoch then --resume to 2; evaluate; export to ONNX on the CPU from that checkpoint (CUDA
-hidden); one epoch each in fp32, bf16 and fp16, started with tcmalloc as make starts train.py, with
+hidden); one epoch each in fp32, bf16 and fp16 (then --resume of the fp16 run), started with tcmalloc as make starts train.py, with
 --gpu-cache, with --compile and with batch-hard PK mining (epoch seconds and GPU utilisation for each); the host synchronisations of the training
 loop (torch.cuda.set_sync_debug_mode); and, with two or more GPUs, torchrun over NCCL. Every step is reported pass/fail with its message in --out (JSON) and a Markdown table beside
 it; the exit status is 1 when any step failed.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from triplet.cli import check, run
 
-STEPS = ["train", "resume", "evaluate", "export-cpu", "fp32", "bf16", "fp16", "tcmalloc", "gpu-cache", "compile",
+STEPS = ["train", "resume", "evaluate", "export-cpu", "fp32", "bf16", "fp16", "fp16-resume", "tcmalloc", "gpu-cache", "compile",
          "batch-hard", "host-syncs", "ddp-nccl"]
 
 
@@ -55,7 +55,7 @@ def main(opts):
     import torch
 
     from triplet import runtime
-    from triplet.bench.gpu_check import markdown, plan_steps, run_steps
+    from triplet.bench.gpu_check import cuda_gpu_id, markdown, plan_steps, run_steps
     from triplet.bench.timing import write_results
     from triplet.data.prepare import synthetic_set
     from triplet.errors import UserError
@@ -70,7 +70,9 @@ def main(opts):
         data_dir, _ = synthetic_set(work, opts.classes, opts.per_class, opts.synthetic_size, opts.resize)
     except UserError as e:
         raise UserError(f"--workdir {work}: could not prepare the synthetic set: {e}") from e
-    rows = run_steps(plan_steps(opts, data_dir, work, gpus), opts.timeout, opts.budget, device.type == "cuda", started)
+    cuda = device.type == "cuda"
+    rows = run_steps(plan_steps(opts, data_dir, work, gpus, precision), opts.timeout, opts.budget, cuda, started,
+                     gpu=cuda_gpu_id() if cuda else "0")
     counts = {status: sum(r["status"] == status for r in rows) for status in ("pass", "fail", "skipped")}
     report = {"command": shlex.join(["python", *sys.argv]),
               "machine": {"device_name": name, "gpus": gpus, "torch": torch.__version__, "precision": precision,

@@ -45,7 +45,7 @@ class Options(DataOptions):
         "help": "smallest training crop, as a fraction of the image's area (RandomResizedCrop; torchvision's "
                 "default 0.08). Raise it (0.3-0.5) when the object is small or must stay whole"})
     workers: int = field(default=-1, metadata={"role": "runtime",
-        "help": "DataLoader workers per process (-1: on a GPU, the cores this machine gives each process, less one; "
+        "help": "DataLoader workers per process (-1: on a GPU, the cores this machine gives each process, less one, at most 16; "
                 "on a CPU, 1 where the compute threads leave a core free, else 0: batches load between steps. "
                 "From 8 cores up a CPU run keeps one core for its worker; OMP_NUM_THREADS, when set, decides instead)"})
     eval_batch_size: int = field(default=128, metadata={"role": "runtime", "help": "images per batch when embedding for validation"})
@@ -203,6 +203,7 @@ def main(opts):
     def validate():
         if not val_paths:
             return {}
+        dist.broadcast_buffers(model)  # every rank embeds its shard with the model rank 0 saves
         embeddings, labels = engine.embed_dataset(model, val_set, device, precision, opts.eval_batch_size, workers)
         return engine.evaluate_embeddings(embeddings, labels, opts.margin, opts.seed, with_nmi=False) if dist.is_main() else {}
 

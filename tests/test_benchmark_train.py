@@ -90,8 +90,14 @@ class Loader:
     """Stands in for a DataLoader whose 2 workers hold 3 batches each ahead."""
     num_workers, prefetch_factor = 2, 3
 
+    def __init__(self, batches=100):
+        self.batches = batches
+
+    def __len__(self):
+        return self.batches
+
     def __iter__(self):
-        return iter(range(100))
+        return iter(range(self.batches))
 
 
 def test_timed_batches_drain_the_prefetched_batches_before_the_clock_starts():
@@ -100,6 +106,31 @@ def test_timed_batches_drain_the_prefetched_batches_before_the_clock_starts():
         seen.append(batch)
     assert seen == [0, 1, 8, 9, 10]  # batches 2-7 were ready before the clock: taken, not timed
     assert len(seconds) == 1
+
+
+def test_timed_batches_say_how_many_batches_they_need():
+    """A loader too short for the warm-up, the drained prefetch and the steps (a 16-core GPU
+    machine drains 15 workers x 4 batches) used to end in "generator raised StopIteration"."""
+    with pytest.raises(ValueError, match="timing needs 11 batches .2 warm-up, 6 prefetched by the workers, 3 timed., "
+                                         "the loader holds 10"):
+        list(timed_batches(Loader(10), warmup=2, steps=3, device=torch.device("cpu"), seconds=[]))
+    assert len(list(timed_batches(Loader(11), warmup=2, steps=3, device=torch.device("cpu"), seconds=[]))) == 5
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 16 workers on this small machine
+def test_the_timed_data_holds_what_the_default_workers_of_a_many_core_gpu_machine_drain(monkeypatch):
+    """The suite's own loader, as training_speed builds it on a 224-thread CUDA node: its prefetch,
+    drained after the warm-up, must still leave the timed steps (the data used to be sized for 8
+    workers, and a 16-core H200 machine's 15 would have run out)."""
+    from triplet import engine, runtime
+    from triplet.bench.timing import batches_to_time, prefetched
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 224)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    cuda = torch.device("cuda")
+    loader = engine.make_loader(list(range(10)), cuda, runtime.default_workers(cuda), batch_size=1, persistent=True)
+    assert prefetched(loader) == 16 * 4
+    assert batches_to_time(10, 100) == 10 + prefetched(loader) + 100
 
 
 def test_flops_scale_with_pixels_and_count_nine_forwards_per_triplet():

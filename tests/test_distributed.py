@@ -1,9 +1,12 @@
 """DDP with torchrun: two CPU processes (gloo) train one run folder together."""
 import csv
+import os
+import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 from triplet.checkpoint import load_checkpoint
@@ -48,3 +51,34 @@ def test_ddp_errors_reach_every_rank(synthetic_root, tmp_path):
     result = torchrun("--data-dir", synthetic_root, "--resize", 48, "--weights", "none", "--image-size", 32,
                       "--epochs", 1, "--workers", 0, "--device", "cpu", "--out", out)
     assert result.returncode != 0 and "already holds a run" in result.stderr
+
+
+def _broadcast_buffers_as_rank(rank, world, port, out):
+    import torch.distributed as td
+
+    from triplet import distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    td.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        norm = torch.nn.BatchNorm1d(3)  # each rank's statistics of its own last batch
+        norm.running_mean.fill_(rank + 1.0)
+        norm.num_batches_tracked.fill_(10 + rank)
+        dist.broadcast_buffers(norm)
+        torch.save({k: v.clone() for k, v in norm.state_dict().items()}, f"{out}/{rank}.pt")
+    finally:
+        td.destroy_process_group()
+
+
+def test_every_rank_validates_with_rank_0s_batchnorm_statistics(tmp_path):
+    """DDP broadcasts buffers only at the start of a training forward; train.py's validation (in
+    eval mode, on the unwrapped model) now first takes rank 0's running statistics."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_broadcast_buffers_as_rank, args=(2, port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"{rank}.pt")
+        assert torch.equal(state["running_mean"], torch.ones(3)) and int(state["num_batches_tracked"]) == 10

@@ -26,6 +26,16 @@ def test_jitter_hand_cases():
     assert torch.allclose(grey, torch.full_like(grey, 0.2989 * 200 + 0.587 * 100), atol=1e-3)
 
 
+def test_jitter_makes_no_host_tensor_per_batch(monkeypatch):
+    """On CUDA, torch.tensor(list, device=...) waits for the queue; jitter made its grey weights
+    that way twice a batch. They are made once per device and dtype now."""
+    images, factors = torch.rand(2, 3, 4, 4) * 255, np.ones((2, 3), dtype=np.float32)
+    jitter(images, factors)  # the first batch makes them
+    made, real = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    assert torch.allclose(jitter(images, factors), images, atol=1e-3) and made == []  # factors of 1 change nothing
+
+
 def test_parameters_are_a_function_of_each_images_seed():
     first = augment_params([(30, 40), (50, 20)], [7, 8])
     again = augment_params([(50, 20)], [8])

@@ -1,10 +1,16 @@
 """scripts/gpu_check.py: its CPU-runnable parts end to end, and a failing step not hiding the rest."""
+import importlib.util
 import json
+import os
 import sys
 import time
 
-from tests.conftest import run_script
-from triplet.bench.gpu_check import Step, markdown, run_step, run_steps
+import pytest
+
+from tests.conftest import ROOT, run_script
+from triplet.bench import gpu_check
+from triplet.bench.gpu_check import GpuUtilisation, Step, markdown, plan_steps, run_step, run_steps
+from triplet.cli import parse
 from triplet.machine import find_tcmalloc
 
 
@@ -20,7 +26,7 @@ def test_gpu_check_cpu_parts_pass_and_report_every_step(tmp_path):
         assert rows[name]["status"] == "pass", rows[name]
     for name in ("train", "fp32", "gpu-cache", "batch-hard"):
         assert rows[name]["epoch_s"] > 0
-    for name in ("fp16", "compile", "host-syncs", "ddp-nccl"):
+    for name in ("fp16", "fp16-resume", "compile", "host-syncs", "ddp-nccl"):
         assert rows[name]["status"] == "skipped", rows[name]
     assert "2 CUDA devices" in rows["ddp-nccl"]["message"] and rows["compile"]["message"] == "--skip compile"
     # started with tcmalloc as make starts train.py, where this machine has it; else skipped, saying why
@@ -31,7 +37,7 @@ def test_gpu_check_cpu_parts_pass_and_report_every_step(tmp_path):
         assert config["environment"]["allocator"] == f"{tcmalloc} (LD_PRELOAD)"
     else:
         assert "apt install libtcmalloc-minimal4" in rows["tcmalloc"]["message"]
-    passed, skipped = (9, 4) if tcmalloc else (8, 5)
+    passed, skipped = (9, 5) if tcmalloc else (8, 6)
     assert report["failed"] == 0 and report["passed"] == passed
     table = out.with_suffix(".md").read_text()
     assert "| resume |" in table and f"**{passed} passed, 0 failed, {skipped} skipped**" in table
@@ -80,3 +86,117 @@ def test_a_step_starts_with_its_environment_changes(monkeypatch):
     changes = {"TRIPLET_CHECK_GONE": None, "TRIPLET_CHECK_SET": "x"}
     row = run_step(Step("env", "sees its environment", show, env=changes), timeout=30, cuda=False, log=lambda *a: None)
     assert row["status"] == "pass" and row["message"] == "None x"  # None removes a variable, a string sets it
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone, only not yet reaped by its parent
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+LAUNCHER = """
+import signal, subprocess, sys, time
+# as torchrun starts its workers: each in a session of its own, so a process-group kill misses them
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+open(sys.argv[1], "w").write(str(child.pid))
+def stop(*_):  # torchrun's answer to SIGTERM: stop the workers, then exit
+    child.terminate(); child.wait(); sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print("workers started", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_timed_out_launcher_stops_the_workers_it_started_in_their_own_sessions(tmp_path):
+    """subprocess.run's timeout killed torchrun alone; its ranks, in sessions of their own, kept
+    the GPUs. The launcher now gets SIGTERM, which torchrun passes on to its workers."""
+    pid_file = tmp_path / "worker.pid"
+    started = time.monotonic()
+    row = run_step(Step("ddp", "hangs in a collective", [sys.executable, "-c", LAUNCHER, pid_file]), timeout=3,
+                   cuda=False, log=lambda *a: None)
+    assert row["status"] == "fail" and row["message"] == "timed out after 3 s"
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker) and time.monotonic() - started < 30
+
+
+def test_a_step_that_ignores_sigterm_is_killed_after_the_grace(monkeypatch):
+    monkeypatch.setattr(gpu_check, "STOP_GRACE_S", 1)
+    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                      "print('up', flush=True); time.sleep(600)"]
+    started = time.monotonic()
+    code, out, err = gpu_check.run_command(stubborn, 2, dict(os.environ))
+    assert code is None and out == "up\n" and time.monotonic() - started < 15  # output so far is kept
+
+
+TORCHRUN_FAILURE = """
+train.py: error: --data-dir /x: no CUB_200_2011 there; run scripts/prepare_data.py first
+E1129 17:00:00.000000 123 torch/distributed/elastic/multiprocessing/api.py:900] failed (exitcode: 2)
+Traceback (most recent call last):
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+scripts/train.py FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_a_failed_torchrun_is_reported_by_the_text_before_its_boxed_report():
+    assert gpu_check._last_line(TORCHRUN_FAILURE) == "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
+    assert gpu_check._last_line("one\ntwo\n") == "two"
+    assert gpu_check._last_line("=" * 20 + "\nbanner\n" + "=" * 20 + "\n") == "banner"  # nothing before the box
+    assert gpu_check._last_line("") == ""
+
+
+def test_a_failing_step_that_reports_on_stdout_is_read_there():
+    """count_host_syncs (host-syncs) printed its count on stdout and failed: the row said "exit code 1"."""
+    quiet_fail = [sys.executable, "-c", "import sys; print('3 host synchronisations (expected 2)'); sys.exit(1)"]
+    row = run_step(Step("syncs", "counts", quiet_fail), timeout=30, cuda=False, log=lambda *a: None)
+    assert row["status"] == "fail" and row["message"] == "3 host synchronisations (expected 2)"
+
+
+def test_gpu_utilisation_samples_the_steps_gpu_by_its_id(tmp_path, monkeypatch):
+    """nvidia-smi numbers GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES: "-i 0" could be
+    another GPU, so the sampler asks for the steps' GPU by its UUID (a fake nvidia-smi here)."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\ncase \"$*\" in *'-i GPU-abc'*) echo 57 ;; *) echo 3 ;; esac\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with GpuUtilisation(True, "GPU-abc") as utilisation:
+        time.sleep(1.4)
+    assert utilisation.samples and utilisation.mean() == 57.0
+    assert GpuUtilisation(False).mean() is None  # a CPU run samples nothing
+
+
+def gpu_check_options(*argv):
+    spec = importlib.util.spec_from_file_location("gpu_check_script", ROOT / "scripts" / "gpu_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return parse(script.Options, list(argv))[0]
+
+
+@pytest.mark.parametrize("gpus, auto", [(1, "bf16"), (2, "fp16")])
+def test_the_cuda_plan_runs_fp16_and_its_resume_and_torchrun_where_there_are_two_gpus(tmp_path, gpus, auto):
+    """The plan a CUDA machine gets (the CPU test runs the CPU plan): fp16 and its --resume run,
+    bf16 only where the GPU computes it natively, NCCL over torchrun with two GPUs."""
+    steps = {s.name: s for s in plan_steps(gpu_check_options("--device", "cuda"), tmp_path / "data", tmp_path, gpus, auto)}
+    assert not steps["fp16"].skip and not steps["fp16-resume"].skip and not steps["host-syncs"].skip
+    resume = [str(part) for part in steps["fp16-resume"].command]
+    assert "--resume" in resume and resume[resume.index("--out") + 1] == str(tmp_path / "runs" / "fp16")
+    assert ("native bf16" in steps["bf16"].skip) == (auto == "fp16")
+    ddp = [str(part) for part in steps["ddp-nccl"].command]
+    assert bool(steps["ddp-nccl"].skip) == (gpus < 2)
+    assert ddp[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert ddp[ddp.index("--device") + 1] == "cuda"

@@ -125,6 +125,17 @@ def test_workers_per_process_come_from_the_processes_on_this_machine(monkeypatch
     assert runtime.default_workers(CUDA) == 1 and runtime.default_workers(CPU, threads=1) == 0
 
 
+def test_a_gpu_on_a_many_core_node_gets_at_most_16_workers(monkeypatch):
+    """A 224-thread node would otherwise start 223 workers per GPU, each with 4 batches in flight."""
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 224)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert runtime.default_workers(CUDA) == runtime.CUDA_MAX_WORKERS == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 28 cores per GPU: still 16
+    assert runtime.default_workers(CUDA) == 16 and runtime.loader_workers(CUDA, 40) == 40  # --workers 40 as asked
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # 14 cores per process: 13
+    assert runtime.default_workers(CUDA) == 13
+
+
 def test_a_cpu_run_gives_a_worker_only_a_core_its_threads_leave_free(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)

@@ -60,6 +60,17 @@ def barrier():
         td.barrier()
 
 
+def broadcast_buffers(module):
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP sends them only at the
+    start of a training forward, so after an epoch's last step each rank holds the statistics of
+    its own last batch: validation would embed each rank's shard with a slightly different model
+    from the one rank 0 saves."""
+    if not is_distributed():
+        return
+    for buffer in module.buffers():
+        td.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(values):
     """Sum a list of floats over ranks."""
     if not is_distributed():

@@ -25,6 +25,7 @@ from triplet.runtime import autocast
 
 # Steps between the host's looks at the running loss: in between it only queues work.
 SYNC_EVERY = 50
+PREFETCH_FACTOR = 4  # batches each loader worker keeps ready
 
 
 def _seed_worker(worker_id):
@@ -40,7 +41,7 @@ def make_loader(dataset, device, workers, batch_size=None, batch_sampler=None, s
     generator = torch.Generator().manual_seed(seed)
     batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
     return DataLoader(dataset, **batching, num_workers=workers, pin_memory=pin_memory and device.type == "cuda",
-                      prefetch_factor=4 if workers > 0 else None, persistent_workers=persistent and workers > 0,
+                      prefetch_factor=PREFETCH_FACTOR if workers > 0 else None, persistent_workers=persistent and workers > 0,
                       worker_init_fn=_seed_worker, generator=generator)
 
 
@@ -67,15 +68,17 @@ class NonFiniteLoss(UserError):
     pass
 
 
-def _check_finite(losses, first_step, epoch):
-    """Raise naming the first non-finite loss among ``losses`` (device scalars; one host sync)."""
-    values = torch.stack(losses).cpu()
+def _read_at_sync_point(losses, active, first_step, epoch):
+    """The losses since the last look and the running active-triplet count, in one host read;
+    raise naming the first non-finite loss. Returns (sum of those losses, active count)."""
+    values = torch.stack([*losses, active.to(losses[0].dtype)]).cpu()
+    values, active_count = values[:-1], float(values[-1])
     bad = torch.nonzero(~torch.isfinite(values)).flatten()
     if len(bad):
         step = first_step + int(bad[0])
         raise NonFiniteLoss(f"the loss became {values[bad[0]].item()} at epoch {epoch + 1}, step {step + 1}; "
                             f"lower --lr. checkpoint_last.pt still holds the last good epoch")
-    return float(values.sum())
+    return float(values.sum()), active_count
 
 
 def train_one_epoch(model, loader, optimizer, device, precision, margin, miner, epoch=0, progress=True,
@@ -91,7 +94,8 @@ def train_one_epoch(model, loader, optimizer, device, precision, margin, miner, 
 
     model.train()
     pending, first_pending = [], 0
-    total_loss, total_active, steps = 0.0, torch.zeros((), dtype=torch.int64, device=device), 0
+    total_loss, total_active, steps = 0.0, 0.0, 0
+    active_sum = torch.zeros((), dtype=torch.int64, device=device)  # stays on the device between sync points
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and dist.is_main()),
                dynamic_ncols=True)
     for step, (images, labels) in enumerate(bar):
@@ -109,15 +113,17 @@ def train_one_epoch(model, loader, optimizer, device, precision, margin, miner, 
             scaler.step(optimizer)
             scaler.update()
         pending.append(loss.detach())
-        total_active += active
+        active_sum += active
         steps += 1
         if len(pending) == sync_every:
-            total_loss += _check_finite(pending, first_pending, epoch)
+            losses, total_active = _read_at_sync_point(pending, active_sum, first_pending, epoch)
+            total_loss += losses
             pending, first_pending = [], step + 1
             bar.set_postfix(loss=f"{total_loss / steps:.4f}")
-    if pending:
-        total_loss += _check_finite(pending, first_pending, epoch)
-    totals = dist.all_reduce_sum([total_loss, float(total_active), float(steps)])
+    if pending:  # the last read also brings the active count, so an epoch waits ceil(steps / sync_every) times
+        losses, total_active = _read_at_sync_point(pending, active_sum, first_pending, epoch)
+        total_loss += losses
+    totals = dist.all_reduce_sum([total_loss, total_active, float(steps)])
     return {"train_loss": totals[0] / max(totals[2], 1), "active_triplets": totals[1] / max(totals[2], 1)}
 
 

@@ -111,6 +111,12 @@ def grad_scaler(device, precision):
 # (AMX) cores.
 RESERVE_CORE_FROM = 8
 
+# The most workers a CUDA process gets by default. 16 workers at the 628 images/s each measured
+# here (docs/gpu.md) are the 10,000 images/s an H100-class GPU needs; more would mostly add
+# processes, /dev/shm segments and open descriptors (a 224-thread node would otherwise start 223
+# per GPU, each with 4 batches in flight). --workers sets more where cores are slower.
+CUDA_MAX_WORKERS = 16
+
 
 def _cores_each():
     """The logical CPUs this process may count as its own: the machine's usable ones shared among
@@ -137,8 +143,9 @@ def set_cpu_threads(device, workers=-1):
 def default_workers(device, threads=None):
     """DataLoader workers per process.
 
-    CUDA: every core but one each process keeps for itself, since decoding JPEGs on the CPU is
-    what feeds a GPU (docs/gpu.md has the arithmetic). MPS: one, where the process has two cores.
+    CUDA: every core but one each process keeps for itself, at most CUDA_MAX_WORKERS, since
+    decoding JPEGs on the CPU is what feeds a GPU (docs/gpu.md has the arithmetic). MPS: one,
+    where the process has two cores.
 
     CPU: one worker where the intra-op threads (``threads``, torch's by default) leave a logical CPU
     free for it (SMT siblings, a smaller OMP_NUM_THREADS, or the core ``set_cpu_threads`` keeps);
@@ -149,7 +156,7 @@ def default_workers(device, threads=None):
     """
     cores_each = _cores_each()
     if device.type == "cuda":
-        return max(1, cores_each - 1)
+        return max(1, min(cores_each - 1, CUDA_MAX_WORKERS))
     if device.type != "cpu":
         return 1 if cores_each > 1 else 0
     threads = torch.get_num_threads() if threads is None else threads

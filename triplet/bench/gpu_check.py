@@ -7,6 +7,7 @@ that need more than the machine has are reported as skipped, with the reason.
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -30,18 +31,28 @@ class Step:
     skip: str = ""  # why the step cannot run on this machine ("" = it can)
 
 
-class GpuUtilisation:
-    """Mean utilisation of GPU 0 while a step runs, sampled from nvidia-smi twice a second."""
+def cuda_gpu_id():
+    """nvidia-smi's id (GPU-<uuid>) of the GPU the steps run on, CUDA's device 0. nvidia-smi numbers
+    GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES, so its "-i 0" may be another GPU."""
+    import torch
 
-    def __init__(self, enabled):
-        self.enabled = enabled and shutil.which("nvidia-smi") is not None
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+class GpuUtilisation:
+    """Mean utilisation of the steps' GPU while a step runs, sampled from nvidia-smi twice a second.
+    ``gpu``: nvidia-smi's id for it (``cuda_gpu_id()``)."""
+
+    def __init__(self, enabled, gpu="0"):
+        self.enabled, self.gpu = enabled and shutil.which("nvidia-smi") is not None, gpu
         self.samples, self._stop = [], threading.Event()
 
     def _poll(self):
         while not self._stop.wait(0.5):
             try:
                 out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=5)
+                                      "-i", self.gpu], capture_output=True, text=True, timeout=5)
                 self.samples.append(float(out.stdout.strip().splitlines()[0]))
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 pass
@@ -71,29 +82,94 @@ def last_epoch_seconds(run_dir):
         return None
 
 
+def _is_border(line):
+    return len(line) >= 10 and set(line) <= set("=-*")
+
+
 def _last_line(text):
+    """The last line that says something: a failed torchrun ends with a report boxed in ===== lines
+    (its last line the border itself), so the text before that box is read; the processes' own
+    errors come before it."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    box = next((i for i, line in enumerate(lines) if set(line) == {"="} and len(line) >= 10), len(lines))
+    said = [line for line in lines[:box] if not _is_border(line)] or [line for line in lines if not _is_border(line)]
+    return said[-1][:300] if said else ""
 
 
-def run_step(step, timeout, cuda, log=print):
-    """Run one step; return its result row. Never raises for the step's own failure."""
+# torchrun, sent SIGTERM, stops its workers (SIGTERM, then SIGKILL 30 s later); then it is killed too.
+STOP_GRACE_S = 45
+
+
+def _signal_group(process, kill=False):
+    """SIGTERM (or SIGKILL) to the command's process group; on Windows, to the command alone."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        else:
+            process.kill() if kill else process.terminate()
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_command(command, timeout, env):
+    """(exit code, stdout, stderr) of ``command``; exit code None when it ran past ``timeout``.
+
+    The command runs in a process group of its own. When it runs too long (or this check is
+    interrupted), the group gets SIGTERM first: torchrun starts its workers in sessions of their
+    own, out of reach of a group kill, and only stops them itself; a training run stops cleanly
+    on it. What is still there STOP_GRACE_S later gets SIGKILL."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+        return process.returncode, out, err
+    except subprocess.TimeoutExpired:
+        code = None
+    except BaseException:  # Ctrl-C: the step has no terminal of its own to get it from
+        _stop(process)
+        raise
+    out, err = _stop(process)
+    return code, out, err
+
+
+def _stop(process):
+    """SIGTERM to the command's group, SIGKILL after STOP_GRACE_S; (stdout, stderr) read so far.
+    Output is given up on if a child that escaped both still holds the pipes."""
+    _signal_group(process)
+    try:
+        return process.communicate(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, kill=True)
+        process.kill()
+    try:
+        return process.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.stdout.close()
+        process.stderr.close()
+        process.wait()
+        return "", ""
+
+
+def run_step(step, timeout, cuda, log=print, gpu="0"):
+    """Run one step; return its result row. Never raises for the step's own failure.
+    ``gpu``: nvidia-smi's id of the GPU whose utilisation is sampled."""
     row = {"step": step.name, "what": step.what, "status": "skipped", "seconds": None, "epoch_s": None,
            "gpu_util_percent": None, "message": step.skip}
     if step.skip:
         log(f"{step.name:<12} skipped: {step.skip}")
         return row
     start = time.perf_counter()
-    with GpuUtilisation(cuda) as utilisation:
-        try:
-            result = subprocess.run([str(part) for part in step.command], capture_output=True, text=True,
-                                    timeout=timeout, env=_environment(step.env))
-            output, ok = result.stdout + result.stderr, result.returncode == 0
-            message = _last_line(result.stderr if not ok else result.stdout) or f"exit code {result.returncode}"
-            if ok and step.expect and step.expect not in output:
+    with GpuUtilisation(cuda, gpu) as utilisation:
+        code, out, err = run_command([str(part) for part in step.command], timeout, _environment(step.env))
+        ok = code == 0
+        if code is None:
+            message = f"timed out after {timeout} s"
+        elif ok:
+            message = _last_line(out) or "exit code 0"
+            if step.expect and step.expect not in out + err:
                 ok, message = False, f"the output lacks {step.expect!r}: {message}"
-        except subprocess.TimeoutExpired:
-            ok, message = False, f"timed out after {timeout} s"
+        else:  # errors go to stderr; a check that reports on stdout is read there when stderr is silent
+            message = _last_line(err) or _last_line(out) or f"exit code {code}"
     row.update(status="pass" if ok else "fail", seconds=round(time.perf_counter() - start, 1), message=message,
                gpu_util_percent=utilisation.mean(),
                epoch_s=last_epoch_seconds(step.run_dir) if step.run_dir and ok else None)
@@ -107,7 +183,7 @@ def _environment(changes):
     return {name: value for name, value in env.items() if value is not None}
 
 
-def run_steps(steps, timeout, budget, cuda, started, log=print, clock=time.monotonic):
+def run_steps(steps, timeout, budget, cuda, started, log=print, clock=time.monotonic, gpu="0"):
     """Run the steps in order within ``budget`` seconds counted from ``started`` (a ``clock()``
     value): each step's timeout is cut to the time left, and a step that finds less than a second
     left is reported as skipped, so no hang can take the check past its budget."""
@@ -117,7 +193,7 @@ def run_steps(steps, timeout, budget, cuda, started, log=print, clock=time.monot
         if left < 1 and not step.skip:
             step = Step(step.name, step.what, step.command,
                         skip=f"not run: the check's --budget of {budget} s was spent")
-        rows.append(run_step(step, max(1, int(min(timeout, left))), cuda, log))
+        rows.append(run_step(step, max(1, int(min(timeout, left))), cuda, log, gpu))
     return rows
 
 
@@ -151,14 +227,17 @@ def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
     torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     expected = -(-steps // sync_every)
-    print(f"{len(syncs)} host synchronisations in {steps} steps (expected {expected}: every {sync_every} steps)")
-    for w in syncs[:5]:
-        print(f"  {w.filename}:{w.lineno}: {w.message}")
-    sys.exit(0 if len(syncs) <= expected else 1)
+    ok = len(syncs) <= expected
+    for w in syncs[:5]:  # where they were, then the count, last: the report's message is a step's last line
+        print(f"  {w.filename}:{w.lineno}: {w.message}", file=sys.stdout if ok else sys.stderr)
+    print(f"{len(syncs)} host synchronisations in {steps} steps (expected {expected}: every {sync_every} steps)",
+          file=sys.stdout if ok else sys.stderr)
+    sys.exit(0 if ok else 1)
 
 
-def plan_steps(opts, data_dir, work, gpus):
-    """The checks, in order; ``gpus``: CUDA devices visible (0 on a CPU run)."""
+def plan_steps(opts, data_dir, work, gpus, auto_precision="bf16"):
+    """The checks, in order; ``gpus``: CUDA devices visible (0 on a CPU run); ``auto_precision``:
+    what --precision auto picks here (fp16 on a GPU without native bf16, whose bf16 step is skipped)."""
     python, cuda = sys.executable, opts.device == "cuda"
     runs = Path(work) / "runs"
     common = ["--data-dir", data_dir, "--resize", opts.resize, "--image-size", opts.image_size,
@@ -179,9 +258,14 @@ def plan_steps(opts, data_dir, work, gpus):
              [python, SCRIPTS / "export_onnx.py", "--run", main_run, "--out", Path(work) / "main.onnx",
               "--verify-images", 32], env={"CUDA_VISIBLE_DEVICES": ""}),
     ]
+    no_fp16 = "" if cuda else "CPUs have no fp16 training"
     for precision in ("fp32", "bf16", "fp16"):
-        skip = "" if cuda or precision != "fp16" else "CPUs have no fp16 training"
+        skip = no_fp16 if precision == "fp16" else ""
+        if precision == "bf16" and cuda and auto_precision != "bf16":
+            skip = "this GPU has no native bf16 (--precision auto picks fp16 here)"
         steps.append(train(precision, f"1 epoch in {precision}", "--precision", precision, "--force", skip=skip))
+    steps.append(train("fp16-resume", "--resume the fp16 run to epoch 2 (its GradScaler's state)", "--precision", "fp16",
+                       "--resume", epochs=2, out=runs / "fp16", expect="resuming", skip=no_fp16))
     tcmalloc = find_tcmalloc()
     steps += [
         train("tcmalloc", "1 epoch started with tcmalloc preloaded, as make starts train.py", "--force",

@@ -122,6 +122,15 @@ def prefetched(loader):
     return getattr(loader, "num_workers", 0) * (getattr(loader, "prefetch_factor", None) or 0)
 
 
+def batches_to_time(warmup, steps):
+    """Batches a timed loader must hold: the warm-up, the most the default workers keep ready (a
+    many-core GPU machine's CUDA_MAX_WORKERS, each PREFETCH_FACTOR ahead) and the timed steps."""
+    from triplet.engine import PREFETCH_FACTOR
+    from triplet.runtime import CUDA_MAX_WORKERS
+
+    return warmup + CUDA_MAX_WORKERS * PREFETCH_FACTOR + steps
+
+
 def timed_batches(loader, warmup, steps, device, seconds):
     """Yield ``warmup + steps`` batches; append to ``seconds`` the time the last ``steps`` took.
 
@@ -131,6 +140,10 @@ def timed_batches(loader, warmup, steps, device, seconds):
     when it asks for one more after the last, so it covers whole steps, waiting for data included.
     The loader must hold ``warmup + prefetched(loader) + steps`` batches.
     """
+    needed = warmup + prefetched(loader) + steps
+    if len(loader) < needed:  # checked here: running out inside the generator is only "generator raised StopIteration"
+        raise ValueError(f"timing needs {needed} batches ({warmup} warm-up, {prefetched(loader)} prefetched by the "
+                         f"workers, {steps} timed), the loader holds {len(loader)}")
     batches = iter(loader)
     for i in range(warmup + steps):
         if i == warmup:

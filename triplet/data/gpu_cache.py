@@ -10,6 +10,7 @@ Jitter works on floats without rounding to uint8 between its steps, so values di
 worker path's by up to about one grey level.
 """
 import math
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -78,9 +79,15 @@ def _on_device(array, device):
     return tensor.to(device, non_blocking=True)
 
 
+@lru_cache(maxsize=None)
+def _grey_weights(device, dtype):
+    """Made once per device: a list turned into a CUDA tensor is a host-to-device copy that waits
+    for the queue, and jitter needs the weights twice a batch."""
+    return torch.tensor(GREY, device=device, dtype=dtype).view(1, 3, 1, 1)
+
+
 def _grey(images):
-    weights = torch.tensor(GREY, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * weights).sum(1, keepdim=True)
+    return (images * _grey_weights(images.device, images.dtype)).sum(1, keepdim=True)
 
 
 def jitter(images, factors):
