@@ -218,6 +218,7 @@ readme: | setup
 
 ## clean: remove caches (never results/ or data/)
 clean:
-	rm -rf .pytest_cache **/__pycache__
+	rm -rf .pytest_cache
+	find . -name __pycache__ -type d -not -path "./.venv/*" -prune -exec rm -rf {} +
 
 .PHONY: help setup test data $(EXPERIMENTS) baseline all custom report export bench gpu-check bench-train demo demo-study serve bench-search readme clean

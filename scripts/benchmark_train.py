@@ -44,6 +44,7 @@ from triplet.bench.tables import RATIO_KEYS, peak_mb, training_table
 from triplet.cli import check, run
 from triplet.data.layout import ROOT
 from triplet.data.prepare import read_manifest, synthetic_set
+from triplet.data.synthetic import MAX_CLASSES
 from triplet.machine import allocator_environment, find_tcmalloc
 
 
@@ -97,6 +98,7 @@ class Options:
         check(self.image_size >= 16, f"--image-size {self.image_size}: must be >= 16")
         check(self.out.endswith(".json"), f"--out {self.out}: must end in .json")
         check(self.per_class >= 4, f"--per-class {self.per_class}: must be >= 4 (two train images a class)")
+        check(2 <= self.classes <= MAX_CLASSES, f"--classes {self.classes}: must be 2-{MAX_CLASSES}")
 
 
 # ---- orchestration ------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class Options(DataOptions):
         check(self.run, "--run is required: the run folder to evaluate")
         check_backbone(self.backbone)
         check(self.batch_size >= 1, "--batch-size must be >= 1")
+        check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
+        check(self.split_seed >= 0, f"--split-seed {self.split_seed}: must be >= 0")
         check(self.workers >= -1, f"--workers {self.workers}: must be -1 (automatic), 0 or more")
 
 

@@ -10,6 +10,7 @@ The model takes ``images`` (float32 N x 3 x S x S, normalised as in evaluation) 
 disagrees with torch, or an INT8 model that loses more than --max-drop points of test
 Precision@1, is kept aside as *.rejected.onnx and the exit status is 3.
 """
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class Options:
         check(not self.out or self.out.endswith(".onnx"), f"--out {self.out}: must end with .onnx")
         check(self.calibration_images >= 1, "--calibration-images must be >= 1")
         check(self.verify_images >= 0, "--verify-images must be >= 0")
+        check(math.isfinite(self.max_drop) and self.max_drop >= 0,
+              f"--max-drop {self.max_drop}: must be a number of points >= 0 (nan would let any INT8 model through)")
 
 
 def main(opts):

@@ -28,7 +28,8 @@ class Options:
 
     def __post_init__(self):
         check(self.run, "--run is required: the run folder to plot")
-        check(self.max_points >= 0, f"--max-points {self.max_points}: must be >= 0")
+        check(self.max_points == 0 or self.max_points >= 2, f"--max-points {self.max_points}: must be 0 (all) or >= 2")
+        check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
         check(1 <= self.highlight <= MAX_HIGHLIGHT, f"--highlight {self.highlight}: must be 1-{MAX_HIGHLIGHT}")
         check(self.queries >= 1, f"--queries {self.queries}: must be >= 1")
 

@@ -7,6 +7,7 @@
     python scripts/prepare_data.py --split classes --crop-bbox
     python scripts/prepare_data.py --synthetic --data-dir /tmp/x --classes 12 --per-class 10
 """
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from triplet.data import cub, sources
 from triplet.cli import check, run
 from triplet.errors import UserError
 from triplet.data.prepare import DataOptions, prepare
+from triplet.data.synthetic import MAX_CLASSES
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS
 
 
@@ -63,6 +65,11 @@ class Options(DataOptions):
         check(0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)")
         check(self.workers >= -1, "--workers must be -1 (automatic), 0 or more")
         check(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
+        check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
+        check(self.split_seed >= 0, f"--split-seed {self.split_seed}: must be >= 0")
+        check(2 <= self.classes <= MAX_CLASSES, f"--classes {self.classes}: must be 2-{MAX_CLASSES} (distinct synthetic classes)")
+        check(self.per_class >= 2, f"--per-class {self.per_class}: must be >= 2 (one train, one test image a class)")
+        check(self.synthetic_size >= 16, f"--synthetic-size {self.synthetic_size}: must be >= 16 pixels")
         check(self.max_members >= 1, f"--max-members {self.max_members}: must be >= 1")
         check(self.max_extract_gb > 0, f"--max-extract-gb {self.max_extract_gb}: must be > 0")
         sources_given = [name for name in ("synthetic", "digits", "image_folder", "manifest") if getattr(self, name)]
@@ -85,10 +92,10 @@ def prepare_own_images(opts):
     prepared = prepare(opts, opts.workers, max_pixels=opts.max_pixels, dataset=dataset, test_fraction=opts.test_fraction,
                        skip_bad=opts.skip_bad)
     defaults = DataOptions()
-    options = " ".join(f"--{name.replace('_', '-')} {getattr(opts, name)}" for name in
+    options = " ".join(f"--{name.replace('_', '-')} {shlex.quote(str(getattr(opts, name)))}" for name in
                        ("data_dir", "split", "val_fraction", "split_seed", "resize")
                        if name == "data_dir" or getattr(opts, name) != getattr(defaults, name))
-    print(f"next: python scripts/train.py {options} --out results/{dataset.name}-resnet18 "
+    print(f"next: python scripts/train.py {options} --out {shlex.quote(f'results/{dataset.name}-resnet18')} "
           f"(these options find {prepared})")
 
 
@@ -108,7 +115,7 @@ def main(opts):
             print(f"wrote a synthetic CUB-200-2011 ({opts.classes} classes x {opts.per_class} images) to {root}")
         if opts.pack:
             print(f"packed {opts.pack} (MD5 {pack_archive(data_dir, opts.pack)})")
-        print(f"next: python scripts/prepare_data.py --data-dir {data_dir}")
+        print(f"next: python scripts/prepare_data.py --data-dir {shlex.quote(str(data_dir))}")
         return
     if not (data_dir / "CUB_200_2011").is_dir():
         if opts.archive:

@@ -1,6 +1,6 @@
 """A local web page that finds similar images, and its JSON API, over an exported model.
 
-    python scripts/serve.py --model exports/demo-resnet18.onnx --gallery data/demo/prepared/official-r72-val0.25-seed0/images
+    python scripts/serve.py --model exports/demo-resnet18.onnx --gallery data/demo/prepared/official-r37-val0.25-seed0/images
     curl -s -X POST --data-binary @bird.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/api/search?k=5
 
 Open http://127.0.0.1:8000/ : drop a photo (or click a gallery image) to see its nearest gallery

@@ -10,6 +10,7 @@ and checkpoint_best.pt (best validation Precision@1).
 """
 import dataclasses
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,13 @@ class Options(DataOptions):
         check(self.image_size >= 16, f"--image-size {self.image_size}: must be >= 16")
         check(self.workers >= -1, f"--workers {self.workers}: must be -1 (automatic), 0 or more")
         check(0 < self.crop_scale <= 1, f"--crop-scale {self.crop_scale}: must be in (0, 1]")
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+              f"--weight-decay {self.weight_decay}: must be >= 0")
+        check(self.eval_batch_size >= 1, f"--eval-batch-size {self.eval_batch_size}: must be >= 1")
+        check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
+        check(self.split_seed >= 0, f"--split-seed {self.split_seed}: must be >= 0")
+        check(self.mining == "none" or self.samples_per_class >= 2,
+              f"--samples-per-class {self.samples_per_class}: must be >= 2 (each anchor needs a positive in its batch)")
         check(self.mining == "none" or self.batch_size % self.samples_per_class == 0,
               f"--batch-size {self.batch_size} must be a multiple of --samples-per-class {self.samples_per_class}")
         check(not (self.resume and self.force), "--resume and --force contradict each other; pick one")
@@ -220,8 +228,13 @@ def main(opts):
         for group in optimizer.param_groups:
             group["lr"] = lr
         start = time.perf_counter()
-        stats = engine.train_one_epoch(net, train_loader, optimizer, device, precision, opts.margin, miner,
-                                       epoch, opts.progress, scaler, prepare)
+        try:
+            stats = engine.train_one_epoch(net, train_loader, optimizer, device, precision, opts.margin, miner,
+                                           epoch, opts.progress, scaler, prepare)
+        except engine.NonFiniteLoss as e:  # a resume with another --lr is refused, so: a fresh run
+            kept = (f"checkpoint_last.pt keeps epoch {epoch}, the last good one"
+                    if epoch > 0 else "no epoch finished, so no checkpoint was written")
+            raise engine.NonFiniteLoss(f"{e} and train again with --force (or another --out); {kept}") from e
         val = validate()
         row = history_row(epoch + 1, stats, val, lr, time.perf_counter() - start)
         history.append(row)
@@ -238,7 +251,21 @@ def main(opts):
             runs.write_history(run_dir, history)
             log(format_row(row, opts.epochs, improved))
         dist.barrier()
-    log(f"done: {run_dir}/checkpoint_best.pt; next: python scripts/evaluate.py --run {run_dir}")
+    log(f"done: {run_dir}/checkpoint_best.pt; next: python scripts/evaluate.py --run {shlex.quote(str(run_dir))}")
+
+
+def resume_command(opts, processes=1):
+    """The line that resumes this run, ready to paste: every option that differs from its default
+    (the run refuses a resume with other options), then --resume."""
+    defaults, args = Options(), []
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        if f.name in ("out", "resume", "force") or value == getattr(defaults, f.name):
+            continue
+        flag = f.name.replace("_", "-")
+        args += [f"--{flag}" if value is True else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    launcher = ["python"] if processes == 1 else ["torchrun", "--nproc_per_node", str(processes)]
+    return shlex.join([*launcher, "scripts/train.py", *args, "--out", str(opts.out), "--resume"])
 
 
 def interrupted_main(opts):
@@ -248,8 +275,8 @@ def interrupted_main(opts):
         main(opts)
     except KeyboardInterrupt:
         if dist.is_main():
-            print(f"\ninterrupted; {opts.out}/checkpoint_last.pt holds the last completed epoch. Resume with: "
-                  f"python scripts/train.py --resume --out {opts.out} (same options)")
+            print(f"\ninterrupted; {opts.out}/checkpoint_last.pt holds the last completed epoch. Resume with:\n"
+                  f"  {resume_command(opts, dist.world_size())}")
         raise
     finally:
         dist.cleanup()

@@ -159,3 +159,22 @@ def test_image_dataset_and_transform_sizes(synthetic_root):
     image, label = ImageDataset(paths, labels, EvalTransform(40))[0]
     assert image.shape == (3, 40, 40) and image.dtype == torch.float32 and label == labels[0]
     assert resize_size_for(224) == 256
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_prepared_image_that_no_longer_decodes_is_named_in_one_line(data_copy, tmp_path, workers):
+    """A truncated JPEG in the prepared copy was torchvision's "Image is incomplete or truncated"
+    traceback, naming no file, with or without a loader worker."""
+    from tests.conftest import call_script
+    from triplet.data.prepare import prepare
+
+    prepared = prepare(DataOptions(data_dir=str(data_copy), resize=48), workers=1, log=lambda *a: None)
+    data_dir, victim = data_copy, read_manifest(prepared, "train")[0][0]
+    victim = victim if hasattr(victim, "write_bytes") else __import__("pathlib").Path(victim)
+    victim.write_bytes(victim.read_bytes()[:200])
+    status, output = call_script("train", "--data-dir", data_dir, "--resize", 48, "--weights", "none", "--image-size", 32,
+                                 "--epochs", 1, "--batch-size", 16, "--workers", workers, "--no-progress",
+                                 "--out", tmp_path / "run")
+    error = output.strip().splitlines()[-1]  # the lines before it: the start of the run, on stdout
+    assert status == 2 and "Traceback" not in output and error.startswith(("train.py: error: ", "__main__.py: error: "))
+    assert f"{victim}: does not decode (Image is incomplete or truncated)" in error and "prepare_data.py again" in error

@@ -93,3 +93,17 @@ def test_a_small_tsne_runs_inside_a_one_thread_limit(monkeypatch):
     monkeypatch.setattr(threadpoolctl, "threadpool_limits", spy)
     xy = plots.project(np.random.default_rng(0).normal(size=(48, 8)), "tsne", seed=0)
     assert xy.shape == (48, 2) and seen == [1]
+
+
+def test_truncated_embeddings_are_one_line_for_plots_and_the_browse_set(run_copy):
+    """A truncated .npz is zipfile.BadZipFile, which is no OSError: it used to be a traceback."""
+    from triplet.deploy.server import load_browse_set
+    from triplet.errors import UserError
+
+    npz = run_copy / "test_embeddings.npz"
+    npz.write_bytes(npz.read_bytes()[:300])
+    result = run_script("plot_embeddings", "--run", run_copy, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "test_embeddings.npz" in result.stderr and "evaluate.py" in result.stderr
+    with pytest.raises(UserError, match="damaged .*evaluate.py --run"):
+        load_browse_set(run_copy)

@@ -5,6 +5,7 @@ boxes, pixel limits), one-line errors for damaged files, and bounded archive ext
 """
 import errno
 import io
+import json
 import os
 import shutil
 import signal
@@ -176,6 +177,23 @@ def test_a_damaged_config_without_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"options": null}')
     with pytest.raises(UserError, match="has no 'options' object.*--force to replace it"):
         claim_run_dir(tmp_path, {"options": {"lr": 0.1}}, resume=True)
+
+
+@pytest.mark.parametrize("scheduler, extended_ok", [("cosine", False), ("none", True)])
+def test_more_epochs_on_resume_only_where_no_schedule_depends_on_them(tmp_path, scheduler, extended_ok):
+    """A cosine run of 2 epochs extended to 3 gave epoch 2 lr 0.0005 where a 3-epoch run has
+    0.00075, while its config claimed --epochs 3."""
+    roles = {"epochs": "extendable"}
+    (tmp_path / "config.json").write_text(json.dumps({"options": {"epochs": 2, "scheduler": scheduler, "lr": 0.001},
+                                                      "option_roles": roles}))
+    longer = {"options": {"epochs": 3, "scheduler": scheduler, "lr": 0.001}, "option_roles": roles}
+    if extended_ok:
+        assert claim_run_dir(tmp_path, longer, resume=True) is None  # no checkpoint yet: starts at epoch 0
+    else:
+        with pytest.raises(UserError, match="--epochs 2 -> 3 under --scheduler cosine.*resume with --epochs 2"):
+            claim_run_dir(tmp_path, longer, resume=True)
+    same = {"options": {"epochs": 2, "scheduler": scheduler, "lr": 0.001}, "option_roles": roles}
+    assert claim_run_dir(tmp_path, same, resume=True) is None
 
 
 # 5. Run identity: where the run is (out) is not what it is.

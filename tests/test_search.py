@@ -76,6 +76,8 @@ def test_cache_is_keyed_by_contents_and_grows_incrementally(model_path, gallery,
         assert len(data["paths"]) == 14 and len(set(data["digests"].tolist())) == 13
     cache.write_bytes(b"damaged")  # a damaged cache is rebuilt, not fatal
     assert "embedding 14 of 14" in search(model_path, gallery, query)
+    cache.write_bytes(cache.read_bytes()[:300])  # a truncated zip: BadZipFile, which is no OSError
+    assert "embedding 14 of 14" in search(model_path, gallery, query)
 
 
 def test_cache_and_no_cache_options(model_path, gallery, cache_home, tmp_path):

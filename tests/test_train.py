@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -140,11 +141,14 @@ def test_sigterm_mid_epoch_keeps_last_checkpoint_and_resume_matches(synthetic_ro
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
-    assert "--resume" in stdout + stderr
     last = load_checkpoint(killed / "checkpoint_last.pt")
     assert last["epoch"] in (0, 1)  # intact: the last completed epoch
     assert not list(killed.glob(".*tmp*"))  # no half-written file left behind
-    run_script("train", *train_args(synthetic_root, killed, "--epochs", 3, "--resume"))
+    # the printed command, pasted as it is: it once said only "--resume --out DIR (same options)"
+    printed = stdout.split("Resume with:\n", 1)[1].splitlines()[0]
+    python, *args = shlex.split(printed)
+    assert python == "python" and args[0] == "scripts/train.py" and args[-1] == "--resume"
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True, timeout=600)
     assert read_history(killed) == read_history(straight)
     for run_dir in (straight, killed):
         run_script("evaluate", "--run", run_dir, "--workers", 0)
@@ -184,11 +188,42 @@ def test_an_option_added_since_a_run_was_made_counts_as_its_default(tmp_path):
     (["--backbone", "vgg1600"], "--backbone 'vgg1600': not a torchvision classification model; did you mean"),
     (["--mining", "hard", "--batch-size", "56", "--samples-per-class", "4"], "PK batches need P"),
     (["--data-dir", "/nonexistent/data"], "no prepared data"),
+    # these were tracebacks: ZeroDivisionError, Adam's and DataLoader's ValueErrors, numpy's seed check
+    (["--mining", "hard", "--samples-per-class", "0"], "--samples-per-class 0: must be >= 2"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
+    (["--seed", "-1"], "--seed -1: must be >= 0"),
+    (["--split-seed", "-1"], "--split-seed -1: must be >= 0"),
 ])
 def test_bad_options_give_one_line_errors(synthetic_root, tmp_path, args, message):
     status, output = call_script("train", *train_args(synthetic_root, tmp_path / "run", *args))
     assert status == 2 and message in output
     assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("evaluate", ["--run", "r", "--seed", "-1"], "--seed -1: must be >= 0"),
+    ("prepare_data", ["--synthetic", "--classes", "1"], "--classes 1: must be 2-400"),
+    ("prepare_data", ["--synthetic", "--per-class", "1"], "--per-class 1: must be >= 2"),
+    ("prepare_data", ["--synthetic", "--synthetic-size", "1"], "--synthetic-size 1: must be >= 16"),
+    ("prepare_data", ["--split-seed", "-1"], "--split-seed -1: must be >= 0"),
+    ("plot_embeddings", ["--run", "r", "--max-points", "1"], "--max-points 1: must be 0 (all) or >= 2"),
+    ("plot_embeddings", ["--run", "r", "--seed", "-1"], "--seed -1: must be >= 0"),
+    ("export_onnx", ["--run", "r", "--max-drop", "nan"], "--max-drop nan: must be a number of points >= 0"),
+    ("export_onnx", ["--run", "r", "--max-drop", "-5"], "--max-drop -5.0: must be a number of points >= 0"),
+    ("benchmark_train", ["--classes", "1"], "--classes 1: must be 2-400"),
+])
+def test_other_scripts_refuse_bad_options_in_one_line(tmp_path, script, args, message):
+    status, output = call_script(script, *args)
+    assert status == 2 and message in output and len(output.strip().splitlines()) == 1, output
+
+
+def test_a_diverging_first_epoch_says_nothing_was_saved_and_how_to_retry(synthetic_root, tmp_path):
+    """The message used to promise a checkpoint_last.pt that a first epoch never wrote."""
+    status, output = call_script("train", *train_args(synthetic_root, tmp_path / "run", "--lr", "1e30", "--epochs", 1))
+    assert status == 2 and "the loss became nan at epoch 1" in output
+    assert "train again with --force (or another --out); no epoch finished, so no checkpoint was written" in output
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
 
 
@@ -281,3 +316,15 @@ def test_the_roles_come_from_the_options_fields_and_travel_in_config_json(tiny_r
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["option_roles"]["workers"] == "runtime" and config["option_roles"]["epochs"] == "extendable"
     assert "lr" not in config["option_roles"]
+
+
+def test_the_resume_command_quotes_paths_and_names_torchrun():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    opts = script.Options(data_dir="/data/my photos", out="results/my run", lr=0.002, progress=False, resume=True)
+    assert script.resume_command(opts) == ("python scripts/train.py --data-dir '/data/my photos' --lr 0.002 "
+                                           "--no-progress --out 'results/my run' --resume")
+    assert script.resume_command(opts, 2).startswith("torchrun --nproc_per_node 2 scripts/train.py --data-dir")

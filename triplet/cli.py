@@ -8,13 +8,47 @@ traceback, the original cause included, instead.
 """
 import argparse
 import dataclasses
+import errno
 import os
 import signal
 import sys
 
 from argparse_dataclass import ArgumentParser
 
-from triplet.errors import EXIT_INTERRUPTED, UserError
+from triplet.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+
+# What a user's own file system can refuse, and what to do about it. Other OSErrors are bugs and
+# keep their traceback.
+PATH_ADVICE = {
+    errno.EACCES: "choose another path or make that folder writable",
+    errno.EPERM: "choose another path or make that folder writable",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.EEXIST: "a file stands where a folder is needed: choose another path",
+    errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
+    errno.EISDIR: "that is a folder: give a file name",
+    errno.ENOSPC: "the disk is full: free some space and run the command again",
+    errno.EDQUOT: "the disk quota is full: free some space and run the command again",
+}
+
+
+def one_line(error):
+    """A UserError's message; raised in a DataLoader worker, it arrives wrapped in the worker's
+    traceback ("Caught X in DataLoader worker process 0. Original Traceback ..."), whose last line
+    is ``module.X: message``."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    name = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
+def path_error_message(error):
+    """One line for an OSError the user's file system raised (None for any other)."""
+    advice = PATH_ADVICE.get(getattr(error, "errno", None))
+    if advice is None or not getattr(error, "filename", None):
+        return None
+    return f"{error.filename}: {error.strerror}; {advice}"
 
 
 def build_parser(options_class, description=None):
@@ -71,13 +105,25 @@ def run(main, options_class, description=None, argv=None):
     except UserError as e:
         if debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         if debug:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:  # `search.py ... | head`: the reader has all it wanted
+        try:  # stdout to /dev/null, so flushing it at exit raises no second error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        sys.exit(0)
+    except OSError as e:  # an unwritable or full folder, a file in the way: one line, not a traceback
+        message = None if debug else path_error_message(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     sys.exit(result or 0)
 
 

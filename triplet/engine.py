@@ -77,7 +77,7 @@ def _read_at_sync_point(losses, active, first_step, epoch):
     if len(bad):
         step = first_step + int(bad[0])
         raise NonFiniteLoss(f"the loss became {values[bad[0]].item()} at epoch {epoch + 1}, step {step + 1}; "
-                            f"lower --lr. checkpoint_last.pt still holds the last good epoch")
+                            f"lower --lr")
     return float(values.sum()), active_count
 
 

@@ -12,11 +12,17 @@ import io
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 from triplet.errors import UserError
 
 TEMPORARY_MARK = ".tmp"  # atomic_path's temporaries: ".<name>.<random>.tmp<suffix>"
+
+# What np.load raises on a damaged .npz: a truncated zip is BadZipFile (not an OSError), a damaged
+# member zlib.error or ValueError, a missing array KeyError.
+NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def disk_full_error(path, cause=""):

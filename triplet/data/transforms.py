@@ -5,6 +5,7 @@ than PIL + transforms v1; docs/speed.md has the measurements). Evaluation calls 
 torch-free ``triplet.deploy.preprocess.preprocess`` so the deployed ONNX embedder sees exactly the
 same input. Both are small callable classes so DataLoader workers can pickle them.
 """
+import re
 import warnings
 
 import torch
@@ -12,6 +13,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_rgb, preprocess, resize_size_for
+from triplet.errors import UserError
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, an extra native dependency;
 # they still work and are the fastest measured here, so keep them and silence the notice.
@@ -20,9 +22,20 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "resize_size_for", "load_image", "TrainTransform", "EvalTransform"]
 
 
+class DamagedImage(UserError):
+    pass
+
+
 def load_image(path):
-    """Decode any JPEG/PNG to an upright (EXIF orientation applied) 3xHxW uint8 RGB tensor."""
-    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    """Decode any JPEG/PNG to an upright (EXIF orientation applied) 3xHxW uint8 RGB tensor.
+    A file of the prepared copy that no longer decodes is named (torchvision's error does not)."""
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", reason)  # "decode_jpeg, /path/decode_jpeg.cpp:171, Image is ..."
+        raise DamagedImage(f"{path}: does not decode ({reason}); delete it and run scripts/prepare_data.py again "
+                           f"with the same options (it redoes missing images)") from e
 
 
 class TrainTransform:

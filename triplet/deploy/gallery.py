@@ -23,7 +23,7 @@ from triplet.deploy.index import KINDS, build_index, index_from_bytes, resolve_k
 from triplet.deploy.inference import file_digest
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb, preprocess
 from triplet.errors import UserError
-from triplet.fileio import atomic_path
+from triplet.fileio import NPZ_ERRORS, atomic_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -110,7 +110,7 @@ def _load_npz(path):
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError):
+    except NPZ_ERRORS:
         return {}
 
 

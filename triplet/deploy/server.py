@@ -33,6 +33,7 @@ from starlette.routing import Route
 from triplet.deploy.neighbours import top_k
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
+from triplet.fileio import NPZ_ERRORS
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 MAX_K = 100
@@ -98,7 +99,7 @@ def load_browse_set(run_dir):
             embeddings, labels, paths = data["embeddings"], data["labels"], [Path(p) for p in data["paths"]]
     except FileNotFoundError as e:
         raise UserError(f"--run {run_dir}: has no test_embeddings.npz; run scripts/evaluate.py --run {run_dir}") from e
-    except (OSError, KeyError, ValueError) as e:
+    except NPZ_ERRORS as e:
         raise UserError(f"{path}: damaged ({e}); run scripts/evaluate.py --run {run_dir} again") from e
     embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     return {"embeddings": embeddings.astype(np.float32), "labels": labels, "paths": paths,

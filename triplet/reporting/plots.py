@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from triplet.deploy.neighbours import normalise, top_k
 from triplet.errors import UserError
-from triplet.fileio import atomic_path, read_csv
+from triplet.fileio import NPZ_ERRORS, atomic_path, read_csv
 from triplet.machine import usable_cores
 from triplet.runs import describe_recipe, read_config, read_metrics, require_run_dir
 
@@ -36,7 +36,7 @@ def load_embeddings(run_dir):
         with np.load(path) as data:
             embeddings, labels = data["embeddings"].astype(np.float32), data["labels"]
             paths = data["paths"].astype(str) if "paths" in data else np.array([""] * len(labels))
-    except (OSError, ValueError, KeyError) as e:
+    except NPZ_ERRORS as e:
         raise UserError(f"{path}: unreadable ({e}); re-run python scripts/evaluate.py --run {run_dir}") from e
     if len(labels) < 2:
         raise UserError(f"{path}: holds {len(labels)} embedding(s); need at least 2 to plot")

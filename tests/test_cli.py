@@ -1,0 +1,62 @@
+"""triplet.cli.run: what a user's file system or shell does to a script ends in one line, not a traceback."""
+import errno
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import ROOT, run_script
+from triplet.cli import run
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+def finish(failure, capsys):
+    def main(opts):
+        raise failure
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, NoOptions, argv=[])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure, advice", [
+    (PermissionError(errno.EACCES, "Permission denied", "/srv/runs/r1/.metrics.json.x.tmp.json"),
+     "choose another path or make that folder writable"),
+    (FileExistsError(errno.EEXIST, "File exists", "/tmp/afile"), "a file stands where a folder is needed"),
+    (OSError(errno.ENOSPC, "No space left on device", "/data/images/0001.jpg"), "the disk is full"),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/x.onnx"), "read-only"),
+])
+def test_a_path_the_file_system_refuses_is_one_line_naming_it(failure, advice, capsys):
+    status, err = finish(failure, capsys)
+    assert status == 2 and err.count("\n") == 1 and failure.filename in err and advice in err
+    assert "Traceback" not in err
+
+
+def test_other_os_errors_are_bugs_and_keep_their_traceback(capsys):
+    with pytest.raises(ConnectionResetError):
+        finish(ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), capsys)
+    with pytest.raises(PermissionError):  # no file named: nothing to tell the user to change
+        finish(PermissionError(errno.EACCES, "Permission denied"), capsys)
+
+
+def test_a_folder_option_that_is_a_file_is_one_line(tmp_path):
+    """prepare_data.py --synthetic --data-dir FILE used to end in FileExistsError's traceback."""
+    (tmp_path / "afile").write_text("not a folder")
+    result = run_script("prepare_data", "--synthetic", "--data-dir", tmp_path / "afile", "--classes", 2,
+                        "--per-class", 2, "--synthetic-size", 32, "--workers", 0, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(tmp_path / "afile") in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`search.py ... | head -1` ended in a BrokenPipeError traceback."""
+    script = ("from dataclasses import dataclass\nfrom triplet.cli import run\n@dataclass\nclass O:\n    pass\n"
+              "def main(opts):\n    for i in range(200000):\n        print('line', i)\nrun(main, O)\n")
+    result = subprocess.run(f"{sys.executable} -c \"$SCRIPT\" | head -1; exit ${{PIPESTATUS[0]}}", shell=True,
+                            executable="/bin/bash", capture_output=True, text=True, cwd=ROOT, env={"SCRIPT": script,
+                                                                                                   "PATH": "/usr/bin:/bin"})
+    assert result.stdout == "line 0\n" and result.stderr == "" and result.returncode == 0
