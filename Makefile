@@ -116,6 +116,9 @@ all: $(ALL_RUNS)
 	$(MAKE) report export bench
 
 ##@ Your own images (docs/own-images.md)
+ifneq ($(word 2,$(IMAGES)),)
+$(error IMAGES="$(IMAGES)" holds a space, which make splits into two paths; rename the folder, link it (ln -s "$(IMAGES)" photos), or run the scripts directly as docs/own-images.md shows)
+endif
 CUSTOM_NAME = $(basename $(notdir $(patsubst %/,%,$(IMAGES))))
 CUSTOM_DATA = $(DATA_DIR)/$(CUSTOM_NAME)
 CUSTOM_RUN = $(RESULTS)/$(CUSTOM_NAME)-$(BACKBONE)

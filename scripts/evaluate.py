@@ -22,6 +22,7 @@ from triplet.backbones import DEFAULT_BACKBONE, check_backbone
 from triplet.cli import check, run
 from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
                                   run_data_options)
+from triplet.errors import UserError
 from triplet.fileio import atomic_path, write_json
 
 
@@ -77,6 +78,34 @@ def load_model(opts, run_dir):
     return model, options, {"checkpoint": str(path), "epoch": checkpoint["epoch"] + 1}
 
 
+# Options that describe a new baseline folder (--checkpoint none, no config.json); a run already
+# made is evaluated on the data and model it was made with.
+BASELINE_OPTIONS = ("split", "val_fraction", "split_seed", "resize", "crop_bbox", "backbone", "weights", "embedding_dim",
+                    "image_size")
+
+
+def check_options_fit_the_run(opts, run_dir, options):
+    """Refuse what would be silently ignored or mixed: a baseline option set against the run's own
+    value, or a --checkpoint file of another run (its metrics would be written into this one)."""
+    defaults = Options(run=opts.run)
+    for name in BASELINE_OPTIONS:
+        mine = getattr(opts, name)
+        if mine != getattr(defaults, name) and options.get(name) != mine:
+            raise UserError(f"--{name.replace('_', '-')} {mine}: {run_dir} was made with {options.get(name)!r}, and a "
+                            f"run is evaluated on its own data and model; that option applies to a new baseline folder "
+                            f"(--checkpoint none without config.json)")
+    config_path = run_dir / "config.json"
+    if opts.checkpoint in ("best", "last", "none") or not config_path.exists():
+        return
+    config = runs.read_config(config_path)
+    changed = [k for k in runs.recipe_differences(config["options"], options, config.get("option_roles", {}))
+               if k != "data_dir"]
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {config['options'].get(k)!r} -> {options.get(k)!r}" for k in changed[:3])
+        raise UserError(f"--checkpoint {opts.checkpoint}: made by another run than {run_dir} ({detail}); its metrics "
+                        f"would be written into this run: evaluate it with --run set to its own folder")
+
+
 def main(opts):
     # torch and everything over it are imported here, not at the top, so that --help is instant
     import torch
@@ -89,6 +118,7 @@ def main(opts):
     if opts.checkpoint != "none":
         runs.require_run_dir(run_dir, needs=None)
     model, options, info = load_model(opts, run_dir)
+    check_options_fit_the_run(opts, run_dir, options)
     data = run_data_options(options, opts.data_dir)
     device = runtime.resolve_device(opts.device)
     precision = runtime.resolve_precision(opts.precision, device)

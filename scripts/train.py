@@ -185,6 +185,8 @@ def main(opts):
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
     if start_epoch >= opts.epochs:
+        if dist.is_main():  # the checkpoint's history is the run's: a damaged or deleted history.csv comes back
+            runs.write_history(run_dir, history)
         log(f"{run_dir}: already trained for {plural(start_epoch, 'epoch')}; nothing to do")
         return
     if checkpoint:
@@ -200,6 +202,10 @@ def main(opts):
         if opts.force:
             runs.set_aside_old_run(run_dir, log)
         runs.write_config(run_dir, config)
+    if opts.image_size > opts.resize:
+        log(f"note: --image-size {opts.image_size} crops come from images prepared at short side {opts.resize} "
+            f"(--resize): they are upscaled, so the model sees no more detail than {opts.resize} px holds; "
+            f"prepare with --resize {max(256, opts.image_size * 8 // 7)} for full detail")
     tip = allocator_tip() if device.type == "cpu" else None
     if tip:
         log(tip)

@@ -161,3 +161,11 @@ def test_training_and_evaluation_start_with_the_allocator_the_machine_has(tmp_pa
     assert "LD_PRELOAD" not in plain and "train.py" in plain
     assert "--allocator none" in dry_run("bench-train", "ALLOCATOR=", tmp_path=tmp_path)  # the benchmark's suite too
     assert "--allocator" not in dry_run("bench-train", "ALLOCATOR=LD_PRELOAD=x", tmp_path=tmp_path)
+
+
+def test_custom_refuses_a_path_with_a_space_it_would_split(tmp_path):
+    """make's functions split words: "my photos" became two arguments and prepare_data failed on
+    "unrecognized arguments: photos photos"."""
+    result = subprocess.run(["make", "-n", "custom", f"IMAGES={tmp_path}/my photos"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "holds a space" in result.stderr and "ln -s" in result.stderr

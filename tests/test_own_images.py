@@ -123,6 +123,15 @@ def test_a_class_with_a_single_photo_is_named(tmp_path):
         prepare_folder(folder, tmp_path / "data")
 
 
+def test_a_folder_of_one_class_is_refused_by_prepare_data_not_by_train(tmp_path):
+    """It used to print "prepared ... next: python scripts/train.py", which then refused it."""
+    folder = make_photo_folder(tmp_path / "photos", classes=1)
+    status, output = call_script("prepare_data", "--image-folder", folder, "--data-dir", tmp_path / "data",
+                                 "--resize", 32, "--workers", 1)
+    assert status == 2 and "in 1 class(es); triplets need at least two classes" in output
+    assert "add photos" in output and "next:" not in output
+
+
 def test_too_few_photos_for_a_test_split_is_refused(tmp_path):
     folder = make_photo_folder(tmp_path / "photos", per_class=2)
     with pytest.raises(UserError, match="the test split of --split official is empty"):
@@ -278,3 +287,15 @@ def test_manifest_problems_found_while_preparing_name_the_csv_line(tmp_path):
     rows[1:4] = [(path, label, "test") for path, label, _ in rows[1:4]]  # c0 keeps one training image (line 2)
     with pytest.raises(UserError, match=r"class 'c0' has 1 train image \(.*set\.csv:2\)"):
         prepare(options, workers=1, log=quiet, dataset=sources.from_manifest(write_manifest(tmp_path / "set.csv", rows)))
+
+
+def test_files_of_other_kinds_are_counted_in_a_note(tmp_path):
+    """A phone's .heic photos, a .gif and a .DS_Store were left out without a word."""
+    folder = make_photo_folder(tmp_path / "photos", classes=2, per_class=3)
+    for name in ("IMG_9.HEIC", "IMG_10.heic", "anim.gif", ".DS_Store"):
+        (folder / "class 0" / name).write_bytes(b"x")
+    notes = []
+    dataset = sources.from_image_folder(folder, log=notes.append)
+    assert len(dataset.records) == 6
+    note, = [n for n in notes if "skipped" in n]
+    assert "4 file(s) in class folders skipped" in note and "(.heic 2, .gif 1, hidden 1)" in note

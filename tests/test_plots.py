@@ -107,3 +107,13 @@ def test_truncated_embeddings_are_one_line_for_plots_and_the_browse_set(run_copy
     assert "test_embeddings.npz" in result.stderr and "evaluate.py" in result.stderr
     with pytest.raises(UserError, match="damaged .*evaluate.py --run"):
         load_browse_set(run_copy)
+
+
+def test_a_damaged_history_keeps_the_curves_and_says_how_to_restore_it(run_copy):
+    """A history.csv without its columns drew empty axes over a good curves.png, exit 0."""
+    (run_copy / "curves.png").write_bytes(b"the good curves")
+    (run_copy / "history.csv").write_text("epoch,foo\n1,2,3\n")
+    result = run_script("plot_embeddings", "--run", run_copy, check=False)
+    assert result.returncode == 2 and "history.csv: has no column train_loss" in result.stderr
+    assert "rewrites it from checkpoint_last.pt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (run_copy / "curves.png").read_bytes() == b"the good curves"

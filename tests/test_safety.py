@@ -463,6 +463,18 @@ def test_disk_full_on_any_atomic_write(tmp_path):
         raise OSError(errno.EACCES, "Permission denied")
 
 
+def test_a_full_disk_stops_prepare_even_with_skip_bad(data_copy, monkeypatch):
+    """Disk full was reported as a bad image: "...; or pass --skip-bad", which would then skip
+    every image written after it."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(UserError, match="disk full while writing it") as error:
+        prepare(DataOptions(data_dir=str(data_copy), resize=40), workers=0, log=lambda *a: None, skip_bad=True)
+    assert "--skip-bad" not in str(error.value)
+
+
 # 16. An unsafe --weights pickle: refused in one line, never advising weights_only=False.
 
 def test_unsafe_weights_are_refused_in_one_line(tmp_path, synthetic_root):

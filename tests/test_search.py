@@ -176,3 +176,16 @@ def test_gallery_search_maps_index_rows_to_gallery_positions(model_path, gallery
     assert indices[:, 0].tolist() == list(range(len(loaded))) and np.allclose(sims[:, 0], 1, atol=1e-5)
     indices, _ = loaded.search(loaded.embeddings, 1, exclude=np.arange(len(loaded)))
     assert (indices[:, 0] != np.arange(len(loaded))).all()
+
+
+def test_a_gallery_takes_the_same_files_as_a_photo_folder(tmp_path):
+    """prepare_data read .tif/.tiff photos that search's gallery silently left out."""
+    from triplet.data.sources import _is_listed_image
+    from triplet.deploy.preprocess import IMAGE_EXTENSIONS
+
+    for suffix in IMAGE_EXTENSIONS + (".TIFF", ".gif", ".txt"):
+        (tmp_path / f"photo{suffix}").write_bytes(b"x")
+    files, _ = gallery_files(tmp_path)
+    names = sorted(p.name for p in files)
+    assert names == sorted(f"photo{s}" for s in IMAGE_EXTENSIONS + (".TIFF",))
+    assert all(_is_listed_image(tmp_path / name, tmp_path) for name in names)

@@ -275,6 +275,10 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tiny_run, tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(garbage)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((tiny_run / "checkpoint_best.pt").read_bytes()[:4096])
+    with pytest.raises(UserError, match=r"not a readable checkpoint .*cut short .*train again with --force"):
+        load_checkpoint(cut)
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(2)}, plain)
     with pytest.raises(UserError, match="not a triplet checkpoint"):
@@ -328,3 +332,46 @@ def test_the_resume_command_quotes_paths_and_names_torchrun():
     assert script.resume_command(opts) == ("python scripts/train.py --data-dir '/data/my photos' --lr 0.002 "
                                            "--no-progress --out 'results/my run' --resume")
     assert script.resume_command(opts, 2).startswith("torchrun --nproc_per_node 2 scripts/train.py --data-dir")
+
+
+def test_evaluate_refuses_what_it_would_have_ignored_or_mixed(tiny_run, tmp_path):
+    """--split classes on a trained run was silently ignored (metrics.json said "official"); a
+    --checkpoint of another run overwrote this run's metrics with that run's numbers."""
+    before = (tiny_run / "metrics.json").read_text()
+    status, output = call_script("evaluate", "--run", tiny_run, "--split", "classes", "--workers", 0)
+    assert status == 2 and "--split classes:" in output and "was made with 'official'" in output
+    status, output = call_script("evaluate", "--run", tiny_run, "--image-size", 64, "--workers", 0)
+    assert status == 2 and "--image-size 64:" in output and "was made with 32" in output
+    other = load_checkpoint(tiny_run / "checkpoint_best.pt")
+    other["config"]["options"]["lr"] = 0.5
+    torch.save(other, tmp_path / "other.pt")
+    status, output = call_script("evaluate", "--run", tiny_run, "--checkpoint", tmp_path / "other.pt", "--workers", 0)
+    assert status == 2 and "made by another run" in output and "--lr 0.001 -> 0.5" in output
+    assert (tiny_run / "metrics.json").read_text() == before
+    # its own checkpoint as a path is this run: evaluated as before (into a copy, to leave tiny_run as it was)
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("checkpoint_last.pt"))
+    status, output = call_script("evaluate", "--run", copy, "--checkpoint", copy / "checkpoint_best.pt", "--workers", 0)
+    assert status == 0, output
+
+
+def test_resuming_a_finished_run_restores_a_damaged_history(tiny_run, synthetic_root, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    good = read_history(copy, drop=())
+    (copy / "history.csv").write_text("epoch,foo\n1,2,3\n")
+    result = run_script("train", "--data-dir", synthetic_root, "--resize", 48, "--weights", "none", "--image-size", 32,
+                        "--epochs", 2, "--batch-size", 16, "--workers", 0, "--no-progress", "--out", copy, "--resume")
+    assert "nothing to do" in result.stdout and read_history(copy, drop=()) == good
+
+
+def test_crops_larger_than_the_prepared_images_are_noted(synthetic_root, tmp_path):
+    """--resize 128 with the default --image-size 224 trained on upscaled images without a word."""
+    status, output = call_script("train", *train_args(synthetic_root, tmp_path / "run", "--epochs", 1,
+                                                      "--image-size", 64))
+    assert status == 0 and "note: --image-size 64 crops come from images prepared at short side 48" in output
+    assert "prepare with --resize 256" in output
+    status, output = call_script("train", *train_args(synthetic_root, tmp_path / "run2", "--epochs", 1))
+    assert status == 0 and "upscaled" not in output

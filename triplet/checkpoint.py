@@ -60,7 +60,13 @@ def load_checkpoint(path, required=REQUIRED_KEYS):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    checkpoint = torch_load(path, str(path))
+    try:
+        checkpoint = torch_load(path, str(path))
+    except UserError as e:
+        if "refused" in str(e):
+            raise
+        raise UserError(f"{e}; it may be cut short (a full disk, an interrupted copy): copy it again, or train "
+                        f"again with --force (or another --out)") from e
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in required):
         raise UserError(f"{path}: not a triplet checkpoint (needs the keys {', '.join(required)})")
     return checkpoint

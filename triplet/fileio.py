@@ -25,9 +25,13 @@ TEMPORARY_MARK = ".tmp"  # atomic_path's temporaries: ".<name>.<random>.tmp<suff
 NPZ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
+class DiskFull(UserError):
+    """Not the file's fault: callers that skip bad files (prepare_data --skip-bad) must stop on it."""
+
+
 def disk_full_error(path, cause=""):
     detail = f" ({cause})" if cause else ""
-    return UserError(f"{path}: disk full while writing it{detail}; the previous version of the file, if any, is "
+    return DiskFull(f"{path}: disk full while writing it{detail}; the previous version of the file, if any, is "
                      f"intact; free some space and run the command again")
 
 

@@ -136,7 +136,8 @@ def _same(key, old, new):
     return old == new or both_nan
 
 
-def _differences(old, new, roles):
+def recipe_differences(old, new, roles):
+    """The options, by name, that make two runs different runs (runtime and extendable ones aside)."""
     return [k for k in sorted(set(old) | set(new))
             if roles.get(k) not in RESUMABLE_ROLES and not _same(k, old.get(k), new.get(k))]
 
@@ -181,7 +182,7 @@ def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None, log
                         f"replace it, or choose another --out")
     # An option missing from an older run's config is one added since: that run had its default.
     old = {**(defaults or {}), **_recorded_options(run_dir)}
-    changed = _differences(old, config["options"], config.get("option_roles", {}))
+    changed = recipe_differences(old, config["options"], config.get("option_roles", {}))
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config['options'].get(k)!r}"
                            for k in changed[:3])

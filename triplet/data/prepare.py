@@ -23,7 +23,7 @@ from triplet.data.layout import ROOT
 from triplet.data.synthetic import make_synthetic_cub
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
-from triplet.fileio import atomic_path, read_csv, read_json_object, write_csv, write_json
+from triplet.fileio import DiskFull, atomic_path, read_csv, read_json_object, write_csv, write_json
 from triplet.machine import usable_cores
 
 MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
@@ -148,6 +148,8 @@ def _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels=DEFAUL
         for image_id, result in tqdm(results.items(), desc="prepare", unit="img"):
             try:
                 result()
+            except DiskFull:  # the disk's fault, not the image's: --skip-bad would skip every image after it
+                raise
             except UserError as e:
                 line = f" (listed at {dataset.lines[image_id]})" if image_id in dataset.lines else ""
                 if not skip_bad:

@@ -7,15 +7,16 @@ same prepared folder for all of them, so training and everything after it never 
 difference. The sources are only read.
 """
 import csv
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from triplet.data import cub
+from triplet.deploy.preprocess import IMAGE_EXTENSIONS
 from triplet.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MANIFEST_SPLITS = ("train", "val", "test", "query", "gallery")
 KINDS = ("cub", "synthetic", "digits", "folder", "manifest")
 
@@ -69,10 +70,13 @@ def from_image_folder(folder, log=print):
     if not folder.is_dir():
         raise UserError(f"--image-folder {folder}: {'not a folder' if folder.exists() else 'folder not found'}; "
                         f"pass the folder that holds one subfolder per class")
-    records, files = [], {}
+    records, files, skipped = [], {}, Counter()
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     for class_dir in class_dirs:
-        images = sorted(p for p in class_dir.rglob("*") if p.is_file() and _is_listed_image(p, folder))
+        found = [p for p in class_dir.rglob("*") if p.is_file()]
+        images = sorted(p for p in found if _is_listed_image(p, folder))
+        skipped.update("hidden" if any(part.startswith(".") for part in p.relative_to(folder).parts)
+                       else p.suffix.lower() or "no suffix" for p in found if not _is_listed_image(p, folder))
         if not images:
             log(f"note: {class_dir}: no images (.jpg, .png, ...); not a class")
             continue
@@ -81,6 +85,10 @@ def from_image_folder(folder, log=print):
             records.append(cub.Record(len(records) + 1, path.relative_to(folder).as_posix(), class_id,
                                       class_dir.name, True, None))
             files[len(records)] = path
+    if skipped:  # a phone's .heic, say: named, so a class that looks small is explained
+        kinds = ", ".join(f"{kind} {count}" for kind, count in skipped.most_common())
+        log(f"note: {folder}: {sum(skipped.values())} file(s) in class folders skipped, not images read here "
+            f"({kinds}); read: {' '.join(IMAGE_EXTENSIONS)}")
     loose = [p for p in folder.iterdir() if p.is_file() and _is_listed_image(p, folder)]
     if loose:
         log(f"note: {folder}: {len(loose)} image(s) outside class subfolders ignored, e.g. {loose[0].name}")

@@ -21,11 +21,10 @@ from tqdm import tqdm
 from triplet.cli import check
 from triplet.deploy.index import KINDS, build_index, index_from_bytes, resolve_kind
 from triplet.deploy.inference import file_digest
-from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb, preprocess
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, open_rgb, preprocess
 from triplet.errors import UserError
 from triplet.fileio import NPZ_ERRORS, atomic_path
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass

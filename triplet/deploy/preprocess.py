@@ -6,7 +6,6 @@ are identical by construction: decode with Pillow, apply the EXIF orientation, c
 scale to [0, 1] and normalise. No torch import here: deployment needs only NumPy and Pillow.
 """
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,6 +22,9 @@ def resize_size_for(image_size):
 
 
 DEFAULT_MAX_PIXELS = 64_000_000  # a 50-megapixel photo (8688 x 5792) passes; a 10000 x 10000 bomb does not
+# The files a photo folder, a gallery and a query may be: the formats Pillow reads that cameras and
+# phones write (GIF is left out: its frames are not one photo).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit (and 32-bit integer) grey
 
 
@@ -86,8 +88,3 @@ def preprocess(image, image_size, resize_size=None, mean=IMAGENET_MEAN, std=IMAG
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-def list_images(folder, extensions=(".jpg", ".jpeg", ".png", ".bmp", ".webp")):
-    """Image files under ``folder`` (recursively), sorted for a stable order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in extensions and p.is_file())

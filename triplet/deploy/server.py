@@ -55,7 +55,7 @@ def decode_upload(data, max_pixels):
     except Image.DecompressionBombError as e:
         raise ApiError(413, f"upload: refused as a decompression bomb ({e})") from e
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ApiError(400, "upload: not an image (JPEG, PNG, BMP or WebP expected)") from e
+        raise ApiError(400, "upload: not an image (JPEG, PNG, BMP, WebP or TIFF expected)") from e
     if width * height > max_pixels:
         raise ApiError(413, f"upload: {width} x {height} pixels is over the limit of {max_pixels} "
                             f"(a decompression bomb?; --max-pixels); send a smaller image")

@@ -238,7 +238,11 @@ def plot_run(run_dir, method="tsne", max_points=0, seed=0, highlight=12, queries
     if missing:
         log(f"warning: {missing} images in retrieval.png not found (prepared data moved?); drawn as placeholders")
     history = run_dir / "history.csv"
-    rows = read_csv(history) if history.exists() else []
+    try:
+        rows = read_csv(history, ("epoch", "train_loss")) if history.exists() else []
+    except UserError as e:  # a damaged history would draw empty axes over a good curves.png
+        raise UserError(f"{e}; resuming the run (train.py with its options and --resume) rewrites it from "
+                        f"checkpoint_last.pt; deleting it skips curves.png") from e
     if rows:
         written.append(plot_curves(rows, run_dir / "curves.png", f"{name}: {describe_recipe(config['options'])}" if config.get("options") else name))
     else:
