@@ -58,7 +58,7 @@ class Options(DataOptions):
 def load_model(opts, run_dir):
     """Return (model, run options, info) for the requested checkpoint."""
     from triplet.checkpoint import checkpoint_options, model_from_checkpoint
-    from triplet.model import build_seeded_model
+    from triplet.model import build_seeded_model, check_input_size
 
     config_path = run_dir / "config.json"
     if opts.checkpoint == "none":
@@ -68,6 +68,7 @@ def load_model(opts, run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             options = dataclasses.asdict(opts) | {"data_dir": opts.data_dir or "data", "margin": 1.0}
         runs.require_options(options, ("backbone", "embedding_dim", "weights", "image_size"), config_path)
+        check_input_size(options["backbone"], options["image_size"])
         # exactly the model train.py started from: same seed, same build
         model = build_seeded_model(options.get("seed", 0), options["backbone"], options["embedding_dim"],
                                    options["weights"], options["image_size"])

@@ -138,7 +138,7 @@ def main(opts):
     from triplet.data.datasets import ImageDataset, check_triplet_ready
     from triplet.data.transforms import EvalTransform
     from triplet.mining import get_miner
-    from triplet.model import build_seeded_model
+    from triplet.model import build_seeded_model, check_input_size
     from triplet.seeding import seed_everything
 
     device = runtime.resolve_device(opts.device)  # first: the DDP backend follows the device
@@ -175,6 +175,7 @@ def main(opts):
     val_set = ImageDataset(val_paths, val_labels, EvalTransform(opts.image_size))
     miner = get_miner(opts.mining, opts.margin)
 
+    check_input_size(opts.backbone, opts.image_size)
     model = build_seeded_model(opts.seed, opts.backbone, opts.embedding_dim, opts.weights, opts.image_size)
     model_args = {"backbone": opts.backbone, "embedding_dim": opts.embedding_dim, "image_size": opts.image_size}
     checkpoint = load_checkpoint(resume_from, REQUIRED_KEYS + RESUME_KEYS) if resume_from else None

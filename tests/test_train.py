@@ -194,12 +194,15 @@ def test_an_option_added_since_a_run_was_made_counts_as_its_default(tmp_path):
     (["--eval-batch-size", "0"], "--eval-batch-size 0: must be >= 1"),
     (["--seed", "-1"], "--seed -1: must be >= 0"),
     (["--split-seed", "-1"], "--split-seed -1: must be >= 0"),
+    # a RuntimeError in the first step, after config.json was written, so the rerun said "already holds a run"
+    (["--backbone", "alexnet"], "--image-size 32: too small for alexnet"),
 ])
 def test_bad_options_give_one_line_errors(synthetic_root, tmp_path, args, message):
     status, output = call_script("train", *train_args(synthetic_root, tmp_path / "run", *args))
     assert status == 2 and message in output
     assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
     assert not (tmp_path / "run" / "checkpoint_last.pt").exists()
+    assert not (tmp_path / "run" / "config.json").exists()  # nothing written: the same command runs once fixed
 
 
 @pytest.mark.parametrize("script, args, message", [

@@ -121,6 +121,19 @@ def build_model(backbone="resnet18", embedding_dim=128, weights="none", image_si
     return model
 
 
+def check_input_size(backbone, image_size):
+    """Fail before a run folder is written, not in the first step: some trunks' pooling or
+    attention windows do not fit small inputs (alexnet, inception_v3, maxvit_t at 32-64 px).
+    The trial model lives on the meta device: shapes only, no memory, no weights, milliseconds."""
+    try:
+        with torch.device("meta"):
+            EmbeddingNet(backbone, 8, image_size).eval()(torch.zeros(2, 3, image_size, image_size))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--image-size {image_size}: too small for {backbone} ({reason}); use a larger "
+                        f"--image-size (224, the default, fits every trunk)") from e
+
+
 def build_seeded_model(seed, *args, **kwargs):
     """``build_model(*args, **kwargs)`` with its random initialisation drawn from ``seed`` alone.
 
