@@ -121,8 +121,8 @@ $(error IMAGES="$(IMAGES)" holds a space, which make splits into two paths; rena
 endif
 CUSTOM_NAME = $(basename $(notdir $(patsubst %/,%,$(IMAGES))))
 CUSTOM_DATA = $(DATA_DIR)/$(CUSTOM_NAME)
-CUSTOM_RUN = $(RESULTS)/$(CUSTOM_NAME)-$(BACKBONE)
-CUSTOM_MODEL = exports/$(CUSTOM_NAME)-$(BACKBONE).onnx
+CUSTOM_RUN = $(RESULTS)/$(CUSTOM_NAME)-$(BACKBONE)$(RUN_TAG)
+CUSTOM_MODEL = exports/$(CUSTOM_NAME)-$(BACKBONE)$(RUN_TAG).onnx
 CUSTOM_SOURCE = $(if $(filter %.csv,$(IMAGES)),--manifest,--image-folder) $(IMAGES)
 # Offline triplets work from two classes up; a cosine schedule and a small lr suit a pretrained trunk.
 CUSTOM_ARGS ?= --epochs $(or $(EPOCHS),30) --lr 0.0001 --batch-size 32 --margin 0.2 --scheduler cosine

@@ -99,8 +99,9 @@ def check_options_fit_the_run(opts, run_dir, options):
     if opts.checkpoint in ("best", "last", "none") or not config_path.exists():
         return
     config = runs.read_config(config_path)
+    # an option only one side knows was added to the suite between the two writes, not changed
     changed = [k for k in runs.recipe_differences(config["options"], options, config.get("option_roles", {}))
-               if k != "data_dir"]
+               if k != "data_dir" and k in config["options"] and k in options]
     if changed:
         detail = ", ".join(f"--{k.replace('_', '-')} {config['options'].get(k)!r} -> {options.get(k)!r}" for k in changed[:3])
         raise UserError(f"--checkpoint {opts.checkpoint}: made by another run than {run_dir} ({detail}); its metrics "

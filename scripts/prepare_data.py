@@ -97,7 +97,8 @@ def prepare_own_images(opts):
     try:  # found here, not when train.py starts
         check_triplet_ready(read_manifest(prepared, "train")[1], f"training split of {prepared}")
     except UserError as e:
-        raise UserError(f"{e}: add photos (a folder per class, two or more photos each) and run this again") from e
+        more = "rows (two or more training rows per label)" if opts.manifest else "photos (a folder per class, two or more photos each)"
+        raise UserError(f"{e}: add {more} and run this again") from e
     defaults = DataOptions()
     options = " ".join(f"--{name.replace('_', '-')} {shlex.quote(str(getattr(opts, name)))}" for name in
                        ("data_dir", "split", "val_fraction", "split_seed", "resize")

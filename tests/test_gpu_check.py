@@ -66,16 +66,16 @@ def test_the_budget_cuts_each_timeout_to_the_time_left_and_skips_what_finds_none
     hang = [python, "-c", "import time; time.sleep(60)"]
     steps = [Step("first", "hangs", hang), Step("second", "hangs", hang), Step("third", "works", [python, "-c", "1"]),
              Step("fourth", "already skipped", hang, skip="needs 2 CUDA devices, 0 visible")]
-    # 30 s of the 34-s budget were spent before the steps (writing the set): the first step gets 4 s, not 240;
-    # the clock reads 30 s before each step, then the time the first one took
+    # 30 s of the 84-s budget were spent before the steps (writing the set), and 50 s are kept for stopping a
+    # step that times out: the first step gets 4 s, not 240; the clock reads 30 s, then the time that step took
     readings = iter([30.0, 34.5, 34.6, 34.7])
     started = time.monotonic()
-    rows = run_steps(steps, timeout=240, budget=34, cuda=False, started=0.0, log=lambda *a: None,
+    rows = run_steps(steps, timeout=240, budget=84, cuda=False, started=0.0, log=lambda *a: None,
                      clock=lambda: next(readings))
     assert time.monotonic() - started < 20
     assert [r["status"] for r in rows] == ["fail", "skipped", "skipped", "skipped"]
     assert rows[0]["message"] == "timed out after 4 s"
-    assert rows[1]["message"] == rows[2]["message"] == "not run: the check's --budget of 34 s was spent"
+    assert rows[1]["message"] == rows[2]["message"] == "not run: the check's --budget of 84 s was spent"
     assert rows[3]["message"] == "needs 2 CUDA devices, 0 visible"  # its own reason is kept
 
 
@@ -110,6 +110,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_timed_out_launcher_stops_the_workers_it_started_in_their_own_sessions(tmp_path):
     """subprocess.run's timeout killed torchrun alone; its ranks, in sessions of their own, kept
     the GPUs. The launcher now gets SIGTERM, which torchrun passes on to its workers."""
@@ -123,6 +124,17 @@ def test_a_timed_out_launcher_stops_the_workers_it_started_in_their_own_sessions
     while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(worker) and time.monotonic() - started < 30
+
+
+def test_a_step_runs_only_after_the_step_it_needs_passed():
+    python = sys.executable
+    steps = [Step("fp16", "fails", [python, "-c", "import sys; sys.exit(1)"]),
+             Step("fp16-resume", "resumes it", [python, "-c", "print('resuming')"], needs="fp16"),
+             Step("fp32", "passes", [python, "-c", "print('ok')"]),
+             Step("again", "needs fp32", [python, "-c", "print('ok')"], needs="fp32")]
+    rows = run_steps(steps, timeout=30, budget=600, cuda=False, started=time.monotonic(), log=lambda *a: None)
+    assert [r["status"] for r in rows] == ["fail", "skipped", "pass", "pass"]
+    assert rows[1]["message"] == "not run: needs fp16, which did not pass"
 
 
 def test_a_step_that_ignores_sigterm_is_killed_after_the_grace(monkeypatch):
@@ -154,7 +166,11 @@ Root Cause (first observed failure):
 
 
 def test_a_failed_torchrun_is_reported_by_the_text_before_its_boxed_report():
-    assert gpu_check._last_line(TORCHRUN_FAILURE) == "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:"
+    assert gpu_check._last_line(TORCHRUN_FAILURE) == ("train.py: error: --data-dir /x: no CUB_200_2011 there; run "
+                                                      "scripts/prepare_data.py first")
+    crash = TORCHRUN_FAILURE.replace("train.py: error: --data-dir /x: no CUB_200_2011 there; run scripts/prepare_data.py first",
+                                     "Traceback (most recent call last):\n  File x\nRuntimeError: NCCL error: unhandled")
+    assert gpu_check._last_line(crash) == "RuntimeError: NCCL error: unhandled"  # the worker's, not torchrun's
     assert gpu_check._last_line("one\ntwo\n") == "two"
     assert gpu_check._last_line("=" * 20 + "\nbanner\n" + "=" * 20 + "\n") == "banner"  # nothing before the box
     assert gpu_check._last_line("") == ""

@@ -140,8 +140,9 @@ def test_custom_runs_the_whole_chain_on_your_own_images(images, source, tmp_path
     assert option(chain[0], source.lstrip("-")) == images and option(chain[0], "data-dir") == f"{tmp_path}/data/{name}"
     assert option(chain[1], "data-dir") == f"{tmp_path}/data/{name}" and option(chain[1], "backbone") == "resnet50"
     assert option(chain[1], "epochs") == "3" and "--resume" in chain[1]
-    assert option(chain[1], "out") == f"{tmp_path}/results/{name}-resnet50"
-    assert option(chain[5], "out") == f"exports/{name}-resnet50.onnx" and "--int8" in chain[5]
+    # EPOCHS=3 is another run (its cosine schedule spans 3 epochs): its own folder, as exp targets do
+    assert option(chain[1], "out") == f"{tmp_path}/results/{name}-resnet50-e3"
+    assert option(chain[5], "out") == f"exports/{name}-resnet50-e3.onnx" and "--int8" in chain[5]
     assert "scripts/search.py --model exports/" in output
 
 

@@ -73,3 +73,15 @@ def test_baseline_folder_reproduces_across_processes(synthetic_root, tmp_path):
         results.append({k: v for k, v in metrics.items() if k != "checkpoint"})
     assert results[0] == results[1]
     assert results[0]["precision_at_1"] > 0
+
+
+def test_the_input_size_check_passes_trunks_it_cannot_try_and_catches_small_inputs():
+    """RegNet reads tensor values while it is built, which the meta device cannot give: the check
+    refused every regnet_* at any size ("too small ... Cannot copy out of meta tensor")."""
+    from triplet.errors import UserError
+    from triplet.model import check_input_size
+
+    check_input_size("regnet_y_400mf", 224)
+    check_input_size("resnet18", 32)
+    with pytest.raises(UserError, match="--image-size 32: too small for alexnet"):
+        check_input_size("alexnet", 32)

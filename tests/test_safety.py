@@ -184,16 +184,18 @@ def test_more_epochs_on_resume_only_where_no_schedule_depends_on_them(tmp_path, 
     """A cosine run of 2 epochs extended to 3 gave epoch 2 lr 0.0005 where a 3-epoch run has
     0.00075, while its config claimed --epochs 3."""
     roles = {"epochs": "extendable"}
-    (tmp_path / "config.json").write_text(json.dumps({"options": {"epochs": 2, "scheduler": scheduler, "lr": 0.001},
-                                                      "option_roles": roles}))
-    longer = {"options": {"epochs": 3, "scheduler": scheduler, "lr": 0.001}, "option_roles": roles}
+    options = {"epochs": 2, "scheduler": scheduler, "lr": 0.001}
+    (tmp_path / "config.json").write_text(json.dumps({"options": options, "option_roles": roles}))
+    longer = {"options": {**options, "epochs": 3}, "option_roles": roles}
+    assert claim_run_dir(tmp_path, longer, resume=True) is None  # no epoch trained yet: nothing to contradict
+    torch.save({"model": {}, "epoch": 0, "model_args": {}, "config": {"options": options}}, tmp_path / "checkpoint_last.pt")
     if extended_ok:
-        assert claim_run_dir(tmp_path, longer, resume=True) is None  # no checkpoint yet: starts at epoch 0
+        assert claim_run_dir(tmp_path, longer, resume=True) == tmp_path / "checkpoint_last.pt"
     else:
         with pytest.raises(UserError, match="--epochs 2 -> 3 under --scheduler cosine.*resume with --epochs 2"):
             claim_run_dir(tmp_path, longer, resume=True)
-    same = {"options": {"epochs": 2, "scheduler": scheduler, "lr": 0.001}, "option_roles": roles}
-    assert claim_run_dir(tmp_path, same, resume=True) is None
+    same = {"options": options, "option_roles": roles}
+    assert claim_run_dir(tmp_path, same, resume=True) == tmp_path / "checkpoint_last.pt"
 
 
 # 5. Run identity: where the run is (out) is not what it is.

@@ -17,11 +17,15 @@ from argparse_dataclass import ArgumentParser
 
 from triplet.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 
+# What a shell reports for a program killed by SIGPIPE (128 + 13): `set -o pipefail` still sees that
+# the output was cut short, as it would for a training run whose `tee` died.
+EXIT_BROKEN_PIPE = 141
+
 # What a user's own file system can refuse, and what to do about it. Other OSErrors are bugs and
 # keep their traceback.
 PATH_ADVICE = {
-    errno.EACCES: "choose another path or make that folder writable",
-    errno.EPERM: "choose another path or make that folder writable",
+    errno.EACCES: "check its permissions (on Windows: that no other program has it open), or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
     errno.EROFS: "the file system is read-only: choose another path",
     errno.EEXIST: "a file stands where a folder is needed: choose another path",
     errno.ENOTDIR: "a file stands where a folder is needed: choose another path",
@@ -112,12 +116,14 @@ def run(main, options_class, description=None, argv=None):
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except BrokenPipeError:  # `search.py ... | head`: the reader has all it wanted
+    except BrokenPipeError:  # `search.py ... | head`: the reader stopped reading; no traceback for that
+        if debug:
+            raise
         try:  # stdout to /dev/null, so flushing it at exit raises no second error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError, AttributeError):
             pass
-        sys.exit(0)
+        sys.exit(EXIT_BROKEN_PIPE)
     except OSError as e:  # an unwritable or full folder, a file in the way: one line, not a traceback
         message = None if debug else path_error_message(e)
         if message is None:

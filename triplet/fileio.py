@@ -43,8 +43,11 @@ def is_disk_full(error):
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_MARK + path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_MARK + path.suffix, dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -57,7 +60,17 @@ def atomic_path(path):
             os.unlink(tmp)
         if is_disk_full(e):
             raise disk_full_error(path) from e
+        if isinstance(e, OSError) and e.filename in (tmp, str(tmp)):
+            raise _naming(e, path) from None
         raise
+
+
+def _naming(error, path):
+    """``error`` naming ``path``, the file the user asked for, not the temporary name beside it
+    (which is gone); a failed mkdir keeps the folder it names."""
+    if error.filename is None or TEMPORARY_MARK in os.path.basename(str(error.filename)):
+        return type(error)(error.errno, error.strerror, str(path))
+    return error
 
 
 def remove_stale_temporaries(folder):

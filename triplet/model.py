@@ -127,7 +127,14 @@ def check_input_size(backbone, image_size):
     The trial model lives on the meta device: shapes only, no memory, no weights, milliseconds."""
     try:
         with torch.device("meta"):
-            EmbeddingNet(backbone, 8, image_size).eval()(torch.zeros(2, 3, image_size, image_size))
+            trial = EmbeddingNet(backbone, 8, image_size).eval()
+    except (RuntimeError, NotImplementedError):  # RegNet reads tensor values while it is built: no trial
+        return
+    try:
+        with torch.device("meta"):
+            trial(torch.zeros(2, 3, image_size, image_size))
+    except NotImplementedError:  # an op without a meta kernel says nothing about the size
+        return
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--image-size {image_size}: too small for {backbone} ({reason}); use a larger "

@@ -189,7 +189,7 @@ def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None, log
         raise UserError(f"{run_dir}: holds a run with a different configuration ({detail}); "
                         f"use another --out, or --force to replace it")
     epochs = (old.get("epochs"), config["options"].get("epochs"))
-    if old.get("scheduler") == "cosine" and epochs[0] != epochs[1]:
+    if old.get("scheduler") == "cosine" and epochs[0] != epochs[1] and last.exists():
         # the cosine lr of every epoch depends on --epochs: a longer run would have had other rates already
         raise UserError(f"{run_dir}: --epochs {epochs[0]} -> {epochs[1]} under --scheduler cosine would not be the "
                         f"run its config records (each epoch's lr depends on --epochs); train {epochs[1]} epochs "

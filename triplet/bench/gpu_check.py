@@ -29,6 +29,7 @@ class Step:
     run_dir: str = ""  # a training step: its epoch seconds come from this run's history.csv
     expect: str = ""  # text the output must contain
     skip: str = ""  # why the step cannot run on this machine ("" = it can)
+    needs: str = ""  # a step that must have passed first (fp16-resume resumes what fp16 wrote)
 
 
 def cuda_gpu_id():
@@ -87,12 +88,20 @@ def _is_border(line):
 
 
 def _last_line(text):
-    """The last line that says something: a failed torchrun ends with a report boxed in ===== lines
-    (its last line the border itself), so the text before that box is read; the processes' own
-    errors come before it."""
+    """The last line that says something. A failed torchrun ends with its own traceback and a
+    report boxed in ===== lines (the last line the border itself); the workers' output comes before
+    both, so there the last "error:" line (the suite's one-line errors) is taken, else the last
+    line before torchrun's traceback."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    box = next((i for i, line in enumerate(lines) if set(line) == {"="} and len(line) >= 10), len(lines))
-    said = [line for line in lines[:box] if not _is_border(line)] or [line for line in lines if not _is_border(line)]
+    box = next((i for i, line in enumerate(lines) if set(line) == {"="} and len(line) >= 10), None)
+    if box is not None:
+        before = [line for line in lines[:box] if not _is_border(line)]
+        errors = [line for line in before if "error: " in line]
+        tracebacks = [i for i, line in enumerate(before) if line.startswith("Traceback (most recent call last)")]
+        said = errors[-1:] or (before[:tracebacks[-1]] if tracebacks else before)
+        if said:
+            return said[-1][:300]
+    said = [line for line in lines if not _is_border(line)]
     return said[-1][:300] if said else ""
 
 
@@ -185,12 +194,19 @@ def _environment(changes):
 
 def run_steps(steps, timeout, budget, cuda, started, log=print, clock=time.monotonic, gpu="0"):
     """Run the steps in order within ``budget`` seconds counted from ``started`` (a ``clock()``
-    value): each step's timeout is cut to the time left, and a step that finds less than a second
-    left is reported as skipped, so no hang can take the check past its budget."""
+    value): each step's timeout is cut to the time left less what stopping a timed-out step may
+    take (STOP_GRACE_S + 5), and a step that finds less than a second is reported as skipped, so
+    no hang can take the check past its budget. A step whose ``needs`` did not pass is skipped."""
     rows = []
     for step in steps:
-        left = budget - (clock() - started)
-        if left < 1 and not step.skip:
+        # a step that times out may take STOP_GRACE_S more to stop (torchrun's workers): kept in the budget
+        left = budget - (clock() - started) - STOP_GRACE_S - 5
+        status = {row["step"]: row["status"] for row in rows}
+        if step.skip:
+            pass
+        elif step.needs and status.get(step.needs) != "pass":
+            step = Step(step.name, step.what, step.command, skip=f"not run: needs {step.needs}, which did not pass")
+        elif left < 1:
             step = Step(step.name, step.what, step.command,
                         skip=f"not run: the check's --budget of {budget} s was spent")
         rows.append(run_step(step, max(1, int(min(timeout, left))), cuda, log, gpu))
@@ -265,7 +281,7 @@ def plan_steps(opts, data_dir, work, gpus, auto_precision="bf16"):
             skip = "this GPU has no native bf16 (--precision auto picks fp16 here)"
         steps.append(train(precision, f"1 epoch in {precision}", "--precision", precision, "--force", skip=skip))
     steps.append(train("fp16-resume", "--resume the fp16 run to epoch 2 (its GradScaler's state)", "--precision", "fp16",
-                       "--resume", epochs=2, out=runs / "fp16", expect="resuming", skip=no_fp16))
+                       "--resume", epochs=2, out=runs / "fp16", expect="resuming", skip=no_fp16, needs="fp16"))
     tcmalloc = find_tcmalloc()
     steps += [
         train("tcmalloc", "1 epoch started with tcmalloc preloaded, as make starts train.py", "--force",
