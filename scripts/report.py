@@ -15,7 +15,7 @@ run folders (seeds), each metric's mean, standard deviation and range.
 from dataclasses import dataclass, field
 
 from triplet.cli import check, plural, run
-from triplet.reporting.demo import demo_table, read_demo_metrics, seeds_table
+from triplet.reporting.demo import demo_table, read_demo_metrics, seeds_table, training_seed
 from triplet.reporting.report import write_report
 
 
@@ -34,7 +34,8 @@ class Options:
 def main(opts):
     if opts.demo_table:
         pairs = [read_demo_metrics(run_dir) for run_dir in opts.demo_table]
-        print(demo_table(*pairs[0]) if len(pairs) == 1 else seeds_table(pairs))
+        seeds = [training_seed(run_dir) for run_dir in opts.demo_table]
+        print(demo_table(*pairs[0]) if len(pairs) == 1 else seeds_table(pairs, seeds))
         return
     path, count = write_report(opts.results)
     print(f"wrote {path} ({plural(count, 'run')})")

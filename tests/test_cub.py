@@ -146,7 +146,16 @@ def test_missing_image_is_named(data_copy):
 def test_mismatched_ids_name_the_file(data_copy):
     labels = data_copy / "CUB_200_2011" / "image_class_labels.txt"
     labels.write_text("\n".join(labels.read_text().splitlines()[:-1]) + "\n")
-    with pytest.raises(UserError, match=r"image_class_labels.txt: image ids do not match images.txt \(first difference: id 144\)"):
+    with pytest.raises(UserError, match=r"image_class_labels.txt: image ids do not match images.txt \(first difference: "
+                                        r"id 144, missing from image_class_labels.txt\); .* extract the archive again"):
+        cub.read_metadata(data_copy / "CUB_200_2011")
+
+
+def test_a_truncated_images_txt_is_named_as_the_one_that_lacks_ids(data_copy):
+    """It used to read as if image_class_labels.txt were the damaged file."""
+    images = data_copy / "CUB_200_2011" / "images.txt"
+    images.write_text("\n".join(images.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(UserError, match=r"first difference: id 144, missing from images.txt\)"):
         cub.read_metadata(data_copy / "CUB_200_2011")
 
 

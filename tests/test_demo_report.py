@@ -96,6 +96,10 @@ def test_seeds_table_gives_hand_computed_mean_spread_and_range(tmp_path):
     runs = [write_run(tmp_path / "s0"), write_run(tmp_path / "s1", second)]
     status, out = call_script("report", "--demo-table", *runs)
     assert status == 0 and "2 seeds" in out, out
+    for run_dir in runs:  # two folders trained with the same seed: not called "seeds"
+        (run_dir / "config.json").write_text(json.dumps({"options": {"seed": 0}}))
+    status, out = call_script("report", "--demo-table", *runs)
+    assert status == 0 and "2 runs, seeds 0, 0:" in out and "2 seeds" not in out, out
 
 
 def test_paragraph_claims_learning_only_when_the_numbers_show_it():

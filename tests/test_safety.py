@@ -314,7 +314,7 @@ def test_a_small_file_with_a_huge_image_is_refused_before_decoding(tmp_path):
 def test_the_pixel_limit_covers_pillows_own_guard(tmp_path):
     Image.new("RGB", (64, 48)).save(tmp_path / "small.png")  # 3,072 pixels
     for limit in (2_000, 1_000):  # under Pillow's warning (our check), beyond its error (caught)
-        with pytest.raises(UserError, match=f"over the limit of {limit / 1e6:g} megapixels") as error:
+        with pytest.raises(UserError, match=f"over the limit of {limit:,} pixels;") as error:
             open_rgb(tmp_path / "small.png", max_pixels=limit)
         assert one_line(str(error.value))
     assert Image.MAX_IMAGE_PIXELS > 1_000_000  # Pillow's global is restored for everyone else
@@ -326,7 +326,7 @@ def test_prepare_data_applies_max_pixels(synthetic_root, tmp_path):
     shutil.copytree(synthetic_root / "CUB_200_2011", data / "CUB_200_2011")
     status, output = call_script("prepare_data", "--data-dir", data, "--resize", 40, "--workers", 1,
                                  "--max-pixels", 1000)
-    assert status == 2 and "over the limit of 0.001 megapixels" in output and "--max-pixels" in output
+    assert status == 2 and "over the limit of 1,000 pixels" in output and "--max-pixels" in output
 
 
 # 10. Non-UTF-8 bytes in a metadata file: file and line named.

@@ -189,3 +189,9 @@ def test_a_gallery_takes_the_same_files_as_a_photo_folder(tmp_path):
     names = sorted(p.name for p in files)
     assert names == sorted(f"photo{s}" for s in IMAGE_EXTENSIONS + (".TIFF",))
     assert all(_is_listed_image(tmp_path / name, tmp_path) for name in names)
+
+
+def test_a_link_back_to_the_gallery_is_not_called_outside(model_path, gallery, cache_home):
+    (gallery / "loop").symlink_to(gallery, target_is_directory=True)
+    out = search(model_path, gallery, sorted(gallery.rglob("*.jpg"))[0])
+    assert "loop: symlinked folders are never entered (no loops)" in out and "leading outside" not in out

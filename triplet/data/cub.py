@@ -216,7 +216,10 @@ def read_metadata(cub_root, check_files=True):
                         ("bounding_boxes.txt", boxes)]:
         if set(table) != ids:
             odd = sorted(set(table) ^ ids)[0]
-            raise UserError(f"{root / name}: image ids do not match images.txt (first difference: id {odd})")
+            # say which file lacks the id: a truncated images.txt is the likelier damage than the other file
+            lacks = "images.txt" if odd in table else name
+            raise UserError(f"{root / name}: image ids do not match images.txt (first difference: id {odd}, missing "
+                            f"from {lacks}); the dataset folder is damaged: extract the archive again")
     records = []
     for image_id in sorted(ids):
         where = f"{root / 'images.txt'} (id {image_id})"

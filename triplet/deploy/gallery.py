@@ -195,7 +195,8 @@ def load_gallery(embedder, folder, cache_dir=None, index_kind="exact", batch_siz
         raise UserError(f"--gallery {folder}: folder not found")
     files, outside = gallery_files(root)
     for link in outside:
-        log(f"warning: not following {link}: a symlink leading outside the gallery")
+        why = "symlinked folders are never entered (no loops)" if link.is_dir() else "a symlink leading outside the gallery"
+        log(f"warning: not following {link}: {why}")
     if not files:
         raise UserError(f"--gallery {folder}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     root = root.resolve()

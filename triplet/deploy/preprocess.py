@@ -28,13 +28,17 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit (and 32-bit integer) grey
 
 
+def _pixels(count):
+    """``64 megapixels`` for a photo, ``1,000 pixels`` for a small --max-pixels (not "0.001 megapixels")."""
+    return f"{count / 1e6:g} megapixels" if count >= 1_000_000 else f"{count:,} pixels"
+
+
 def check_pixels(size, source, max_pixels=DEFAULT_MAX_PIXELS):
     """Refuse an image larger than ``max_pixels`` before it is decoded (a tiny file can hold a huge one)."""
     width, height = size
     if max_pixels and width * height > max_pixels:
-        raise UserError(f"{source}: {width}x{height} pixels ({width * height / 1e6:.0f} megapixels) is over the "
-                        f"limit of {max_pixels / 1e6:g} megapixels; shrink the image, or raise --max-pixels if "
-                        f"you trust it")
+        raise UserError(f"{source}: {width}x{height} pixels ({_pixels(width * height)}) is over the limit of "
+                        f"{_pixels(max_pixels)}; shrink the image, or raise --max-pixels if you trust it")
 
 
 def to_8bit(image):
@@ -65,8 +69,8 @@ def open_rgb(source, max_pixels=DEFAULT_MAX_PIXELS):
                 check_pixels(image.size, source, max_pixels)
                 return to_8bit(ImageOps.exif_transpose(image)).convert("RGB")
     except Image.DecompressionBombError as e:
-        raise UserError(f"{source}: over the limit of {max_pixels / 1e6:g} megapixels ({e}); shrink the image, "
-                        f"or raise --max-pixels if you trust it") from e
+        raise UserError(f"{source}: over the limit of {_pixels(max_pixels)}; shrink the image, or raise "
+                        f"--max-pixels if you trust it") from e
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise UserError(f"{source}: not a readable image ({e}); replace or remove it") from e
     finally:

@@ -53,11 +53,15 @@ def spread(values, decimals):
     return f"{statistics.fmean(values):.{decimals}f} ± {sd:.{decimals}f} ({min(values):.{decimals}f} to {max(values):.{decimals}f})"
 
 
-def seeds_table(pairs):
+def seeds_table(pairs, seeds=None):
     """Markdown table over several runs (seeds) given as (trained, untrained) metric pairs:
-    each metric's mean ± standard deviation (min to max) untrained, trained, and of the change."""
+    each metric's mean ± standard deviation (min to max) untrained, trained, and of the change.
+    ``seeds``: each run's training seed, where known; runs that share one are not "seeds"."""
     pairs = [(with_gap(t), with_gap(u)) for t, u in pairs]
-    lines = [f"| Metric ({len(pairs)} seeds: mean ± sd (min to max)) | Untrained (epoch 0) | Trained | Change |",
+    known = [s for s in seeds or [] if s is not None]
+    runs = (f"{len(pairs)} runs, seeds {', '.join(map(str, seeds))}" if len(set(known)) < len(known)
+            else f"{len(pairs)} seeds")
+    lines = [f"| Metric ({runs}: mean ± sd (min to max)) | Untrained (epoch 0) | Trained | Change |",
              "|---|---|---|---|"]
     for key, label, decimals in TABLE_ROWS:
         before, after = [u[key] for _, u in pairs], [t[key] for t, _ in pairs]
@@ -96,6 +100,15 @@ def demo_paragraph(trained, untrained):
         f"of drawn shapes on cluttered backgrounds, {t.get('num_images', '?')} test images of the same classes "
         f"as training): it says nothing about accuracy on CUB's bird photographs or on classes never seen in "
         f"training, and this is one seed (docs/demo.md gives the spread across seeds).")
+
+
+def training_seed(run_dir):
+    """The --seed a run folder was trained with (config.json), or None where it does not say."""
+    try:
+        options = read_json(Path(run_dir) / "config.json").get("options") or {}
+    except (UserError, OSError, AttributeError):
+        return None
+    return options.get("seed") if isinstance(options, dict) else None
 
 
 def read_demo_metrics(run_dir):
