@@ -11,17 +11,13 @@ from pathlib import Path
 
 import torch
 
-from triplet.errors import UserError
+from triplet.errors import UserError, first_line
 from triplet.fileio import atomic_path, disk_full_error
 
 REQUIRED_KEYS = ("model", "epoch", "model_args")
 RESUME_KEYS = ("optimizer", "best_metric")
 # torch.save reports a failed write (a full disk, mostly) as a RuntimeError from its zip writer.
 TORCH_WRITE_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
-
-
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def save_checkpoint(path, checkpoint):
@@ -31,12 +27,13 @@ def save_checkpoint(path, checkpoint):
             torch.save(checkpoint, tmp)
     except RuntimeError as e:
         if any(failure in str(e) for failure in TORCH_WRITE_FAILURES):
-            raise disk_full_error(path, f"torch.save: {_first_line(e)}") from e
+            raise disk_full_error(path, f"torch.save: {first_line(e)}") from e
         raise
 
 
-def torch_load(path, label):
-    """``torch.load(weights_only=True)``; a refused or damaged file is one line naming ``label``.
+def torch_load(path, label, if_damaged=""):
+    """``torch.load(weights_only=True)``; a refused or damaged file is one line naming ``label``
+    (``if_damaged``: what to do about a damaged one, appended to its message).
 
     A file holding arbitrary Python objects is refused, never loaded: running its pickle could
     run any code, so the advice is to save a plain state dict, not to lower the guard.
@@ -51,22 +48,17 @@ def torch_load(path, label):
             raise UserError(f"{label}: refused: the file holds Python objects besides tensors ({unsafe.group(1)}), "
                             f"and loading them could run arbitrary code; save a plain state dict instead "
                             f"(torch.save(model.state_dict(), PATH))") from e
-        raise UserError(f"{label}: not a readable checkpoint (UnpicklingError: {_first_line(reason)})") from e
+        raise UserError(f"{label}: not a readable checkpoint (UnpicklingError: {first_line(reason)}){if_damaged}") from e
     except Exception as e:
-        raise UserError(f"{label}: not a readable checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+        raise UserError(f"{label}: not a readable checkpoint ({type(e).__name__}: {first_line(e)}){if_damaged}") from e
 
 
 def load_checkpoint(path, required=REQUIRED_KEYS):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch_load(path, str(path))
-    except UserError as e:
-        if "refused" in str(e):
-            raise
-        raise UserError(f"{e}; it may be cut short (a full disk, an interrupted copy): copy it again, or train "
-                        f"again with --force (or another --out)") from e
+    checkpoint = torch_load(path, str(path), if_damaged="; it may be cut short (a full disk, an interrupted copy): "
+                                                        "copy it again, or train again with --force (or another --out)")
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in required):
         raise UserError(f"{path}: not a triplet checkpoint (needs the keys {', '.join(required)})")
     return checkpoint
@@ -88,7 +80,7 @@ def load_model_state(model, state, source):
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
         raise UserError(f"{source}: weights do not fit this model (another backbone or embedding "
-                        f"size?): {_first_line(e)}") from e
+                        f"size?): {first_line(e)}") from e
 
 
 def model_from_checkpoint(path):

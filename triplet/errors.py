@@ -22,3 +22,15 @@ class QualityGateError(UserError):
     """The program worked, but its result failed a check the user set (``--max-drop``) or relies on."""
 
     exit_code = EXIT_QUALITY_GATE
+
+
+def first_line(error):
+    """The first line of an exception's text (its type's name when it has none): the part of a
+    library's long message that fits in a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def last_line(error):
+    """The last line of an exception's text (its type's name when it has none): where torch and
+    torchvision put the reason, after their context."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]

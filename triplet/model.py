@@ -18,7 +18,7 @@ from torchvision import models
 
 from triplet.backbones import check_backbone
 from triplet.checkpoint import torch_load
-from triplet.errors import UserError
+from triplet.errors import UserError, first_line, last_line
 
 IMAGENET_CLASSES = 1000
 # Models whose training-mode forward would return auxiliary outputs: build them without.
@@ -113,7 +113,7 @@ def build_model(backbone="resnet18", embedding_dim=128, weights="none", image_si
     except RuntimeError as e:  # a shape mismatch, such as a ViT's position embedding at another input size
         raise UserError(f"--weights {weights}: does not fit a {backbone} trunk at --image-size {image_size} "
                         f"(train at the size the weights were made for, 224 for torchvision's): "
-                        f"{str(e).splitlines()[-1].strip()}") from e
+                        f"{last_line(e)}") from e
     if missing or unexpected:
         raise UserError(f"--weights {weights}: does not match a {backbone} trunk "
                         f"({len(missing)} missing keys, {len(unexpected)} unexpected, e.g. "
@@ -136,8 +136,7 @@ def check_input_size(backbone, image_size):
     except NotImplementedError:  # an op without a meta kernel says nothing about the size
         return
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--image-size {image_size}: too small for {backbone} ({reason}); use a larger "
+        raise UserError(f"--image-size {image_size}: too small for {backbone} ({first_line(e)}); use a larger "
                         f"--image-size (224, the default, fits every trunk)") from e
 
 

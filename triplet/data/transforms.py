@@ -13,7 +13,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
 from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD, open_rgb, preprocess, resize_size_for
-from triplet.errors import UserError
+from triplet.errors import UserError, last_line
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, an extra native dependency;
 # they still work and are the fastest measured here, so keep them and silence the notice.
@@ -32,8 +32,7 @@ def load_image(path):
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        reason = re.sub(r"^\w+, \S+:\d+, ", "", reason)  # "decode_jpeg, /path/decode_jpeg.cpp:171, Image is ..."
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", last_line(e))  # "decode_jpeg, /path/decode_jpeg.cpp:171, Image is ..."
         raise DamagedImage(f"{path}: does not decode ({reason}); delete it and run scripts/prepare_data.py again "
                            f"with the same options (it redoes missing images)") from e
 

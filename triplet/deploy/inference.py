@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from triplet.errors import UserError
+from triplet.errors import UserError, first_line
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb, preprocess
 
 FORMAT = "triplet-embedding-onnx/1"
@@ -62,10 +62,6 @@ def _metadata_problem(metadata):
     return None
 
 
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 class OnnxEmbedder:
     """An exported EmbeddingNet: images (paths or PIL images) -> L2-normalised float32 embeddings."""
 
@@ -81,7 +77,7 @@ class OnnxEmbedder:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise UserError(f"{self.path}: not a loadable ONNX model ({_first_line(e)})") from e
+            raise UserError(f"{self.path}: not a loadable ONNX model ({first_line(e)})") from e
         self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.metadata["image_size"])
