@@ -103,7 +103,7 @@ def check_options_fit_the_run(opts, run_dir, options):
     changed = [k for k in runs.recipe_differences(config["options"], options, config.get("option_roles", {}))
                if k != "data_dir" and k in config["options"] and k in options]
     if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {config['options'].get(k)!r} -> {options.get(k)!r}" for k in changed[:3])
+        detail = runs.describe_differences(config["options"], options, changed)
         raise UserError(f"--checkpoint {opts.checkpoint}: made by another run than {run_dir} ({detail}); its metrics "
                         f"would be written into this run: evaluate it with --run set to its own folder")
 

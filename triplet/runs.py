@@ -142,6 +142,11 @@ def recipe_differences(old, new, roles):
             if roles.get(k) not in RESUMABLE_ROLES and not _same(k, old.get(k), new.get(k))]
 
 
+def describe_differences(old, new, names, most=3):
+    """``--lr 0.001 -> 0.002, --batch-size 32 -> 64``: the first ``most`` of ``names``, for an error."""
+    return ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}" for k in names[:most])
+
+
 def _recorded_options(run_dir):
     """The options that made the run in ``run_dir``: its last checkpoint's own (what a resume
     continues), else config.json's."""
@@ -184,9 +189,8 @@ def claim_run_dir(run_dir, config, resume=False, force=False, defaults=None, log
     old = {**(defaults or {}), **_recorded_options(run_dir)}
     changed = recipe_differences(old, config["options"], config.get("option_roles", {}))
     if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {config['options'].get(k)!r}"
-                           for k in changed[:3])
-        raise UserError(f"{run_dir}: holds a run with a different configuration ({detail}); "
+        raise UserError(f"{run_dir}: holds a run with a different configuration "
+                        f"({describe_differences(old, config['options'], changed)}); "
                         f"use another --out, or --force to replace it")
     epochs = (old.get("epochs"), config["options"].get("epochs"))
     if old.get("scheduler") == "cosine" and epochs[0] != epochs[1] and last.exists():

@@ -59,9 +59,12 @@ def from_cub(data_dir):
     return Dataset(name, kind, str(root), records, {r.image_id: root / "images" / r.path for r in records})
 
 
+def _is_hidden(path, root):
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def _is_listed_image(path, root):
-    rel = path.relative_to(root)
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not any(p.startswith(".") for p in rel.parts)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(path, root)
 
 
 def from_image_folder(folder, log=print):
@@ -73,10 +76,13 @@ def from_image_folder(folder, log=print):
     records, files, skipped = [], {}, Counter()
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     for class_dir in class_dirs:
-        found = [p for p in class_dir.rglob("*") if p.is_file()]
-        images = sorted(p for p in found if _is_listed_image(p, folder))
-        skipped.update("hidden" if any(part.startswith(".") for part in p.relative_to(folder).parts)
-                       else p.suffix.lower() or "no suffix" for p in found if not _is_listed_image(p, folder))
+        images = []
+        for path in (p for p in class_dir.rglob("*") if p.is_file()):
+            if _is_listed_image(path, folder):
+                images.append(path)
+            else:
+                skipped["hidden" if _is_hidden(path, folder) else path.suffix.lower() or "no suffix"] += 1
+        images.sort()
         if not images:
             log(f"note: {class_dir}: no images (.jpg, .png, ...); not a class")
             continue
