@@ -7,7 +7,6 @@ that need more than the machine has are reported as skipped, with the reason.
 import csv
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from triplet.bench.commands import STOP_GRACE_S, run_command
 from triplet.machine import allocator_environment, find_tcmalloc
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
@@ -105,60 +105,6 @@ def _last_line(text):
     return said[-1][:300] if said else ""
 
 
-# torchrun, sent SIGTERM, stops its workers (SIGTERM, then SIGKILL 30 s later); then it is killed too.
-STOP_GRACE_S = 45
-
-
-def _signal_group(process, kill=False):
-    """SIGTERM (or SIGKILL) to the command's process group; on Windows, to the command alone."""
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
-        else:
-            process.kill() if kill else process.terminate()
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_command(command, timeout, env):
-    """(exit code, stdout, stderr) of ``command``; exit code None when it ran past ``timeout``.
-
-    The command runs in a process group of its own. When it runs too long (or this check is
-    interrupted), the group gets SIGTERM first: torchrun starts its workers in sessions of their
-    own, out of reach of a group kill, and only stops them itself; a training run stops cleanly
-    on it. What is still there STOP_GRACE_S later gets SIGKILL."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-        return process.returncode, out, err
-    except subprocess.TimeoutExpired:
-        code = None
-    except BaseException:  # Ctrl-C: the step has no terminal of its own to get it from
-        _stop(process)
-        raise
-    out, err = _stop(process)
-    return code, out, err
-
-
-def _stop(process):
-    """SIGTERM to the command's group, SIGKILL after STOP_GRACE_S; (stdout, stderr) read so far.
-    Output is given up on if a child that escaped both still holds the pipes."""
-    _signal_group(process)
-    try:
-        return process.communicate(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        _signal_group(process, kill=True)
-        process.kill()
-    try:
-        return process.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.stdout.close()
-        process.stderr.close()
-        process.wait()
-        return "", ""
-
-
 def run_step(step, timeout, cuda, log=print, gpu="0"):
     """Run one step; return its result row. Never raises for the step's own failure.
     ``gpu``: nvidia-smi's id of the GPU whose utilisation is sampled."""
@@ -213,44 +159,6 @@ def run_steps(steps, timeout, budget, cuda, started, log=print, clock=time.monot
     return rows
 
 
-def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
-    """Host synchronisations in ``steps`` bf16 offline-triplet steps of ResNet18 on CUDA, counted
-    by torch.cuda.set_sync_debug_mode after a warm-up epoch; the loop should only wait at its
-    sync points (``steps / sync_every`` of them, the epoch's end included). Exit status 1 if more."""
-    import warnings
-
-    import torch
-
-    from triplet import engine
-    from triplet.mining import packaged_triplets
-    from triplet.model import build_model
-
-    device = torch.device("cuda", 0)
-    model = build_model("resnet18", weights="none").to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8).pin_memory()
-    batches = [(images, torch.zeros(3 * batch_size, dtype=torch.int64).pin_memory())] * steps
-
-    def epoch():
-        engine.train_one_epoch(model, batches, optimizer, device, "bf16", 1.0, packaged_triplets, progress=False,
-                               sync_every=sync_every)
-
-    epoch()
-    torch.cuda.set_sync_debug_mode("warn")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        epoch()
-    torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    expected = -(-steps // sync_every)
-    ok = len(syncs) <= expected
-    for w in syncs[:5]:  # where they were, then the count, last: the report's message is a step's last line
-        print(f"  {w.filename}:{w.lineno}: {w.message}", file=sys.stdout if ok else sys.stderr)
-    print(f"{len(syncs)} host synchronisations in {steps} steps (expected {expected}: every {sync_every} steps)",
-          file=sys.stdout if ok else sys.stderr)
-    sys.exit(0 if ok else 1)
-
-
 def plan_steps(opts, data_dir, work, gpus, auto_precision="bf16"):
     """The checks, in order; ``gpus``: CUDA devices visible (0 on a CPU run); ``auto_precision``:
     what --precision auto picks here (fp16 on a GPU without native bf16, whose bf16 step is skipped)."""
@@ -293,7 +201,7 @@ def plan_steps(opts, data_dir, work, gpus, auto_precision="bf16"):
               "--samples-per-class", 4, "--force"),
     ]
     steps.append(Step("host-syncs", "the training loop waits for the GPU only at its sync points",
-                      [python, "-c", "from triplet.bench.gpu_check import count_host_syncs; count_host_syncs()"],
+                      [python, "-c", "from triplet.bench.speed import count_host_syncs; count_host_syncs()"],
                       expect="host synchronisations", skip="" if cuda else "torch.cuda.set_sync_debug_mode is CUDA-only"))
     torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, SCRIPTS / "train.py"]
     steps.append(Step("ddp-nccl", "torchrun, 2 processes on 2 GPUs (NCCL)",

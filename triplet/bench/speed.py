@@ -4,7 +4,9 @@ Each function builds its model and data path from scratch and is meant to run in
 process (``triplet.bench.timing.in_fresh_process``), so its memory peak is its own. The
 straightforward reference these are compared with lives in ``scripts/benchmark_train.py``.
 """
+import sys
 import time
+import warnings
 
 import torch
 
@@ -131,3 +133,33 @@ def profile_training_step(device, backbone, image_size, batch_size, precision):
                        "other": round(max(0.0, 1 - (conv + batch_norm) / seconds), 3)},
             "conv_gflops": round(train_gflop_per_triplet(backbone, image_size) * batch_size / max(conv, 1e-9), 1),
             "top_ops_s": [[name, round(t, 3)] for name, t in ops[:8]]}
+
+
+def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
+    """Host synchronisations in ``steps`` bf16 offline-triplet steps of ResNet18 on CUDA, counted
+    by torch.cuda.set_sync_debug_mode after a warm-up epoch; the loop should only wait at its
+    sync points (``steps / sync_every`` of them, the epoch's end included). Exit status 1 if more."""
+    device = torch.device("cuda", 0)
+    model = build_model("resnet18", weights="none").to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8).pin_memory()
+    batches = [(images, torch.zeros(3 * batch_size, dtype=torch.int64).pin_memory())] * steps
+
+    def epoch():
+        engine.train_one_epoch(model, batches, optimizer, device, "bf16", 1.0, packaged_triplets, progress=False,
+                               sync_every=sync_every)
+
+    epoch()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epoch()
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    expected = -(-steps // sync_every)
+    ok = len(syncs) <= expected
+    for w in syncs[:5]:  # where they were, then the count, last: the report's message is a step's last line
+        print(f"  {w.filename}:{w.lineno}: {w.message}", file=sys.stdout if ok else sys.stderr)
+    print(f"{len(syncs)} host synchronisations in {steps} steps (expected {expected}: every {sync_every} steps)",
+          file=sys.stdout if ok else sys.stderr)
+    sys.exit(0 if ok else 1)
