@@ -19,6 +19,7 @@ from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
 from triplet.cli import check, plural, run
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
+from triplet.deploy.preprocess import resize_size_for
 from triplet.errors import UserError
 from triplet.machine import allocator_tip
 
@@ -206,7 +207,7 @@ def main(opts):
     if opts.image_size > opts.resize:
         log(f"note: --image-size {opts.image_size} crops come from images prepared at short side {opts.resize} "
             f"(--resize): they are upscaled, so the model sees no more detail than {opts.resize} px holds; "
-            f"prepare with --resize {max(256, opts.image_size * 8 // 7)} for full detail")
+            f"prepare with --resize {max(256, resize_size_for(opts.image_size))} for full detail")
     tip = allocator_tip() if device.type == "cpu" else None
     if tip:
         log(tip)

@@ -15,7 +15,7 @@ import sys
 
 from argparse_dataclass import ArgumentParser
 
-from triplet.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from triplet.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError, last_line
 
 # What a shell reports for a program killed by SIGPIPE (128 + 13): `set -o pipefail` still sees that
 # the output was cut short, as it would for a training run whose `tee` died.
@@ -42,7 +42,7 @@ def one_line(error):
     text = str(error)
     if "Original Traceback" not in text:
         return text
-    last = text.strip().splitlines()[-1]
+    last = last_line(error)
     name = f"{type(error).__module__}.{type(error).__qualname__}: "
     return last[len(name):] if last.startswith(name) else last
 
