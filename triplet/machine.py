@@ -6,15 +6,31 @@ Torch-free so that data preparation, plots, the search benchmark and the Makefil
 machine has it.
 """
 import ctypes.util
+import multiprocessing
 import os
 import platform
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
 def usable_cores():
     """Cores this process may run on (its affinity mask where the OS has one, e.g. under taskset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def process_pool(workers):
+    """A ProcessPoolExecutor whose workers are never fork()s of this process.
+
+    A fork copies only the calling thread, so a lock that another thread (torch's OpenMP pool,
+    tqdm's monitor, a server) held at that instant stays held in the child for ever, and the pool
+    waits for it with no error: CI's test run stopped for good in such a pool of two, after 400
+    tests had trained in the same process. forkserver forks each worker from a clean
+    single-threaded server (Python 3.14's default on Linux); spawn where there is no forkserver.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=context)
 
 
 def cpu_name():

@@ -82,11 +82,11 @@ def in_fresh_process(function, env=None, **kwargs):
     """Return ``function(**kwargs)`` computed in a new process; its result must pickle.
 
     ``env``: environment changes the process starts with (None removes a variable), such as
-    LD_PRELOAD. Where they change anything it is spawned, since a forked process keeps the
-    allocator its parent started with.
+    LD_PRELOAD. The process is spawned, never forked: a fork keeps the allocator its parent
+    started with, its torch thread count, and any lock another thread held at that instant
+    (tqdm takes its lock even for a disabled bar), which would hang the measurement for ever.
     """
-    changes = any(os.environ.get(name) != value for name, value in (env or {}).items())
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" and not changes else "spawn")
+    context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(send, multiprocessing.get_start_method(), function, kwargs), name=function.__name__)
     with environment(env or {}):

@@ -11,7 +11,6 @@ last; re-running with the same options does nothing, or redoes only images that 
 import contextlib
 import functools
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from triplet.data.synthetic import make_synthetic_cub
 from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
 from triplet.errors import UserError
 from triplet.fileio import DiskFull, atomic_path, read_csv, read_json_object, write_csv, write_json
-from triplet.machine import usable_cores
+from triplet.machine import process_pool, usable_cores
 
 MANIFEST_FIELDS = ["path", "class_id", "class_name", "image_id"]
 SPLITS = ("train", "val", "test")
@@ -142,7 +141,7 @@ def _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels=DEFAUL
         if workers == 0:
             results = {image_id: functools.partial(_prepare_image, *job) for image_id, job in jobs.items()}
         else:
-            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            pool = stack.enter_context(process_pool(workers))
             results = {image_id: pool.submit(_prepare_image, *job).result for image_id, job in jobs.items()}
             stack.callback(pool.shutdown, cancel_futures=True)  # on an error, skip what has not started
         for image_id, result in tqdm(results.items(), desc="prepare", unit="img"):

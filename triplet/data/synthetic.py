@@ -7,13 +7,12 @@ rotation, scale, position, background, distractor blobs, brightness and pixel no
 """
 import functools
 import io
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from triplet.data.layout import JPEG_QUALITY, write_cub
-from triplet.machine import usable_cores
+from triplet.machine import process_pool, usable_cores
 
 SHAPES = ("Circle", "Square", "Triangle", "Star", "Cross", "Ring", "Diamond", "Crescent")
 TEXTURES = ("Plain", "Stripes", "Dots", "Checks", "Gradient")
@@ -206,7 +205,7 @@ def make_synthetic_cub(data_dir, classes=12, per_class=10, image_size=64, seed=0
     names = [class_name(k) for k in range(classes)]
     if processes <= 1:
         return write_cub(data_dir, names, items(map), readme)
-    with ProcessPoolExecutor(processes) as pool:
+    with process_pool(processes) as pool:
         return write_cub(data_dir, names, items(functools.partial(pool.map, chunksize=16)), readme)
 
 
