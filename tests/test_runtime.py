@@ -3,6 +3,8 @@
 Each capability is mocked both ways, so the decisions a GPU or a bf16 server would take are
 checked here, on any CPU.
 """
+import os
+
 import pytest
 import torch
 import torch.distributed as td
@@ -19,9 +21,12 @@ CUDA = torch.device("cuda", 0)
 
 @pytest.fixture
 def capabilities(monkeypatch):
-    """Set what torch.cpu.get_capabilities() reports."""
+    """Set what torch.cpu.get_capabilities() reports, and oneDNN's bf16 answer (as it gives on such a CPU:
+    the real one says False on an AVX2-only machine, or under ONEDNN_MAX_CPU_ISA=AVX2)."""
     def set_capabilities(**flags):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", **flags})
+        native = any(flags.get(name) for name in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
+        monkeypatch.setattr(runtime, "onednn_has_bf16", lambda: native)
     return set_capabilities
 
 
@@ -260,3 +265,22 @@ def test_the_makefile_asks_for_the_preload_environment():
                          text=True, check=True).stdout.strip()
     library = find_tcmalloc()
     assert out == (f"LD_PRELOAD={library} TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD={2**40}" if library else "")
+
+
+def test_compiled_kernels_under_a_capped_cpu_capability_are_cached_apart(monkeypatch):
+    """torch 2.14's inductor cache key leaves ATEN_CPU_CAPABILITY out: kernels built under one value
+    were loaded under the other and trained with wrong values."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCHINDUCTOR_COMPILE_THREADS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)  # unset for the test, restored after it
+    runtime.compile_model(torch.nn.Identity(), CPU)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # inductor's own default folder
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    runtime.compile_model(torch.nn.Identity(), CPU)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    default = default_cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default + "_avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/the/users/own")
+    runtime.compile_model(torch.nn.Identity(), CPU)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/the/users/own"

@@ -48,10 +48,14 @@ def cpu_bf16_decision(capabilities, onednn_bf16=True):
     return False, "the CPU has no native bf16 (no AVX-512-bf16, AMX or Arm BF16): bf16 would be emulated"
 
 
+def onednn_has_bf16():
+    """oneDNN's own answer: False where ONEDNN_MAX_CPU_ISA caps it below the CPU's bf16 kernels."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def cpu_bf16_reason():
     """(native, reason) for this CPU, through the APIs the pinned torch has."""
-    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return cpu_bf16_decision(torch.cpu.get_capabilities(), onednn)
+    return cpu_bf16_decision(torch.cpu.get_capabilities(), onednn_has_bf16())
 
 
 def cpu_has_bf16():
@@ -172,9 +176,18 @@ def loader_workers(device, workers=-1):
 
 def compile_model(model, device):
     """torch.compile; on a CPU with one compile thread, because parallel compile workers compete
-    with the compiling process for a small CPU's cores (docs/speed.md has the measurements)."""
+    with the compiling process for a small CPU's cores (docs/speed.md has the measurements).
+
+    Under ATEN_CPU_CAPABILITY (docs/speed.md's AVX2-capped runs) inductor gets a cache folder of
+    its own: torch 2.14's cache key leaves the variable out, so kernels built under one setting
+    were loaded under the other and trained with wrong values (a loss of 0.88-1.0 for 0.989).
+    """
     if device.type == "cpu":
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+        capability = os.environ.get("ATEN_CPU_CAPABILITY")
+        if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
     return torch.compile(model)
 
 
