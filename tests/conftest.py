@@ -2,6 +2,7 @@
 import contextlib
 import importlib.util
 import io
+import multiprocessing
 import os
 import shutil
 import signal
@@ -18,8 +19,15 @@ from triplet.data.synthetic import make_synthetic_cub
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The tests' servers listen on 127.0.0.1: a runner's http_proxy must not carry those requests away.
+for _name in ("NO_PROXY", "no_proxy"):
+    os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
+# DataLoader workers of in-process runs start from a clean server, not as fork()s of this process, whose
+# threads (torch's, tqdm's monitor, servers) may hold a lock at that instant: CI once hung on such a fork.
+multiprocessing.set_start_method("forkserver", force=True)
 
-def run_script(name, *args, check=True, timeout=600, env=None):
+
+def run_script(name, *args, check=True, timeout=300, env=None):
     """Run scripts/<name>.py in a subprocess, as a user would; return the CompletedProcess."""
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
                             capture_output=True, text=True, timeout=timeout, cwd=ROOT,
@@ -46,6 +54,14 @@ def call_script(name, *args):
         signal.signal(signal.SIGTERM, handler)
         torch.set_num_threads(threads)
     return exit_info.value.code or 0, out.getvalue() + err.getvalue()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """The gallery caches of the tests' search runs go to a temporary folder, not the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ def test_benchmark_train_tiny(tmp_path):
                         "--rounds", 2, "--profile", "--also-fp32", "--also-bf16",
                         "--backbones", "resnet18", "--classes", 4, "--per-class", 4, "--synthetic-size", 64,
                         "--resize", 40, "--eval-batch-size", 4, "--workdir", tmp_path / "work", "--out", out,
-                        timeout=120, env={"OMP_NUM_THREADS": "1"})  # 2 threads crawl on a busy CPU
+                        timeout=500, env={"OMP_NUM_THREADS": "1"})  # 2 threads crawl on a busy CPU
     report = json.loads(out.read_text())
     assert report["machine"]["matmul_peak_gflops"]["fp32"] > 0
     r = report["backbones"]["resnet18"]

@@ -32,15 +32,17 @@ def page(model_path, test_images, tiny_run, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("browser")
     gallery = copy_gallery(test_images[:12], tmp_path / "gallery")
     process, url = start_server(model_path, gallery, tiny_run, tmp_path)
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        tab = browser.new_page(viewport={"width": 1200, "height": 900})
-        tab.goto(url + "/")
-        tab.wait_for_function("document.querySelectorAll('#gallery img').length === 12")
-        yield tab, gallery
-        browser.close()
-    process.terminate()
-    process.wait(timeout=30)
+    try:  # a browser that fails to start or load must not leave the server running
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            tab = browser.new_page(viewport={"width": 1200, "height": 900})
+            tab.goto(url + "/")
+            tab.wait_for_function("document.querySelectorAll('#gallery img').length === 12")
+            yield tab, gallery
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def screenshot(tab, name):

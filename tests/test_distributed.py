@@ -15,7 +15,7 @@ from triplet.checkpoint import load_checkpoint
 def torchrun(*args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "scripts" / "train.py"), *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("mining", ["none", "hard"])

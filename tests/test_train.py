@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -54,17 +55,20 @@ def learnable_root(tmp_path_factory):
 
 
 def test_training_improves_validation_precision(learnable_root, tmp_path):
-    # CPU training is deterministic for a seed, so this margin is not a matter of luck on a given
-    # machine; it was measured at +17.5 points (20.0 -> 37.5) and is asserted with room.
+    # 40 validation images make one epoch's P@1 noisy (2.5 points an image, and the thread count
+    # changes the floats): 6 epochs once gave +10 on 2 threads, +5 on 1. So 30 short epochs with the
+    # demo's crop scale and cosine schedule, and the mean of the last five, measured from 20 to 47 and
+    # 47.5 (1 and 2 threads) and, held to AVX2 kernels, to 43 and 48.5.
     out = tmp_path / "run"
     run_script("train", "--data-dir", learnable_root, "--resize", 40, "--val-fraction", 0.25, "--weights", "none",
-               "--image-size", 32, "--epochs", 6, "--batch-size", 32, "--mining", "semihard", "--margin", 0.2,
-               "--samples-per-class", 4, "--workers", 0, "--no-progress", "--out", out)
+               "--image-size", 32, "--epochs", 30, "--batch-size", 32, "--mining", "semihard", "--margin", 0.2,
+               "--crop-scale", 0.5, "--scheduler", "cosine", "--samples-per-class", 4, "--workers", 0, "--no-progress",
+               "--out", out)
     history = read_history(out)
     before = float(history[0]["val_precision_at_1"])
-    best = max(float(row["val_precision_at_1"]) for row in history[1:])
-    assert history[0]["epoch"] == "0" and len(history) == 7
-    assert best >= before + 10, f"val P@1 {before} -> {best}"
+    last_five = sum(float(row["val_precision_at_1"]) for row in history[-5:]) / 5
+    assert history[0]["epoch"] == "0" and len(history) == 31
+    assert last_five >= before + 12.5, f"val P@1 {before} -> {[row['val_precision_at_1'] for row in history]}"
     assert all(float(row["active_triplets"]) > 0 for row in history[1:])
 
 
@@ -254,6 +258,8 @@ def test_non_finite_loss_names_epoch_and_step():
                         packaged_triplets, epoch=2, progress=False)
 
 
+@pytest.mark.skipif(not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")),
+                    reason="torch.compile on a CPU builds its kernels with a C++ compiler: apt-get install g++")
 def test_compiled_training_step_matches_eager_with_one_compile_thread_on_cpu(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "0")
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")  # unset for the test, restored after it
