@@ -281,6 +281,9 @@ def test_compiled_kernels_under_a_capped_cpu_capability_are_cached_apart(monkeyp
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     default = default_cache_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default + "_avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # as inductor leaves it after compiling once
+    runtime.compile_model(torch.nn.Identity(), CPU)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default + "_avx2"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/the/users/own")
     runtime.compile_model(torch.nn.Identity(), CPU)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/the/users/own"

@@ -181,13 +181,15 @@ def compile_model(model, device):
     Under ATEN_CPU_CAPABILITY (docs/speed.md's AVX2-capped runs) inductor gets a cache folder of
     its own: torch 2.14's cache key leaves the variable out, so kernels built under one setting
     were loaded under the other and trained with wrong values (a loss of 0.88-1.0 for 0.989).
+    A folder the user chose is kept; inductor writes its default into the variable on first use.
     """
     if device.type == "cpu":
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         capability = os.environ.get("ATEN_CPU_CAPABILITY")
-        if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        if capability:
             from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
+            if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
     return torch.compile(model)
 
 
