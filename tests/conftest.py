@@ -16,6 +16,7 @@ import torch
 from triplet.cli import run
 from triplet.data.prepare import DataOptions, prepare
 from triplet.data.synthetic import make_synthetic_cub
+from triplet.machine import start_method_without_fork
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ for _name in ("NO_PROXY", "no_proxy"):
     os.environ[_name] = ",".join(filter(None, [os.environ.get(_name), "127.0.0.1", "localhost"]))
 # DataLoader workers of in-process runs start from a clean server, not as fork()s of this process, whose
 # threads (torch's, tqdm's monitor, servers) may hold a lock at that instant: CI once hung on such a fork.
-multiprocessing.set_start_method("forkserver", force=True)
+multiprocessing.set_start_method(start_method_without_fork(), force=True)
 
 
 def run_script(name, *args, check=True, timeout=300, env=None):

@@ -25,7 +25,7 @@ def capabilities(monkeypatch):
     the real one says False on an AVX2-only machine, or under ONEDNN_MAX_CPU_ISA=AVX2)."""
     def set_capabilities(**flags):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"architecture": "x86_64", **flags})
-        native = any(flags.get(name) for name in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16"))
+        native = runtime.cpu_bf16_decision(flags)[0]  # what the flags alone say
         monkeypatch.setattr(runtime, "onednn_has_bf16", lambda: native)
     return set_capabilities
 

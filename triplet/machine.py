@@ -28,9 +28,12 @@ def process_pool(workers):
     tests had trained in the same process. forkserver forks each worker from a clean
     single-threaded server (Python 3.14's default on Linux); spawn where there is no forkserver.
     """
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ProcessPoolExecutor(workers, mp_context=context)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start_method_without_fork()))
+
+
+def start_method_without_fork():
+    """forkserver where the platform has it (Linux, macOS), else spawn: see process_pool."""
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def cpu_name():

@@ -188,8 +188,9 @@ def compile_model(model, device):
         capability = os.environ.get("ATEN_CPU_CAPABILITY")
         if capability:
             from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-            if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
+            default = default_cache_dir()
+            if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) == default:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}_{capability}"
     return torch.compile(model)
 
 
