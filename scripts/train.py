@@ -104,7 +104,8 @@ def make_train_loader(opts, paths, labels, device, workers):
     sampler = (TripletBatchSampler(labels, opts.batch_size, **shard) if opts.mining == "none" else
                PKSampler(labels, opts.batch_size // opts.samples_per_class, opts.samples_per_class, **shard))
     if opts.gpu_cache:
-        dataset, prepare = KeyDataset(labels), GpuCache(paths, opts.image_size, device, opts.crop_scale, opts.progress)
+        dataset, prepare = KeyDataset(labels), GpuCache(paths, opts.image_size, device, opts.crop_scale,
+                                                         opts.progress and dist.is_main())
     else:
         dataset, prepare = ImageDataset(paths, labels, TrainTransform(opts.image_size, opts.crop_scale)), engine.to_device
     loader = engine.make_loader(dataset, device, workers, batch_sampler=sampler, seed=opts.seed,
@@ -193,7 +194,9 @@ def main(opts):
         return
     if checkpoint:
         check_world_size(checkpoint, dist.world_size(), resume_from)
-        log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}")
+        restored = scaler is not None and checkpoint.get("scaler")
+        restored = f"; fp16 loss scale {scaler.get_scale():g} restored" if restored else ""
+        log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}{restored}")
     net = model
     if dist.is_distributed():
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -78,3 +78,61 @@ def test_output_piped_into_head_ends_quietly():
                             executable="/bin/bash", capture_output=True, text=True, cwd=ROOT, env={"SCRIPT": script,
                                                                                                    "PATH": "/usr/bin:/bin"})
     assert result.stdout == "line 0\n" and result.stderr == "" and result.returncode == 141  # as `yes | head`
+
+
+# torch's own texts: ATen's alertNotDeterministic and the CUDA caching allocator's OutOfMemoryError
+NOT_DETERMINISTIC = ("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but you set "
+                     "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this "
+                     "operation, or you can use the 'warn_only=True' option, if that's acceptable for your application.")
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total capacity of 15.77 GiB of which "
+            "1.12 GiB is free. Including non-PyTorch memory, this process has 14.64 GiB memory in use. Of the "
+            "allocated memory 13.90 GiB is allocated by PyTorch")
+
+
+@pytest.mark.parametrize("failure, says", [
+    (RuntimeError(NOT_DETERMINISTIC), "--deterministic: adaptive_avg_pool2d_backward_cuda has no deterministic"),
+    ("cuda-oom", "out of memory (CUDA out of memory. Tried to allocate 2.25 GiB); lower --batch-size"),
+    (MemoryError(), "out of memory (MemoryError); lower --batch-size"),
+    ("cpu-oom", "DefaultCPUAllocator: can't allocate memory"),
+    (RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
+                  "workers are out of shared memory. Please try to raise your shared memory limit."), "--shm-size"),
+])
+def test_running_short_of_memory_or_determinism_is_one_line_naming_the_option(failure, says, capsys):
+    import torch
+
+    if failure == "cuda-oom":
+        failure = torch.OutOfMemoryError(CUDA_OOM)
+    elif failure == "cpu-oom":
+        try:
+            torch.empty(2**50, dtype=torch.uint8)  # a real allocation failure, 1 PiB
+        except RuntimeError as e:
+            failure = e
+    status, err = finish(failure, capsys)
+    assert status == 2 and err.count("\n") == 1 and says in err and "Traceback" not in err
+
+
+class _WorkerKilledByBusError:
+    """A dataset whose worker dies as one does when /dev/shm is full (a container's 64 MB)."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        import os
+        import signal
+        os.kill(os.getpid(), signal.SIGBUS)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGBUS"), reason="SIGBUS is POSIX")
+def test_a_loader_worker_out_of_shared_memory_says_how_to_give_it_more(capsys):
+    """The worker prints torch's "bus error ... insufficient shared memory" itself; the main process,
+    which did not start it (a forkserver did), sees only that it exited."""
+    from torch.utils.data import DataLoader
+
+    status, err = finish_with(lambda: list(DataLoader(_WorkerKilledByBusError(), num_workers=1)), capsys)
+    assert status == 2 and err.count("\n") == 1 and "--shm-size" in err and "--workers" in err
+
+
+def test_other_runtime_errors_are_bugs_and_keep_their_traceback(capsys):
+    with pytest.raises(RuntimeError):
+        finish(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x512 and 256x128)"), capsys)

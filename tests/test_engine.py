@@ -1,10 +1,12 @@
 """The training step's data path: uint8 normalised on the device, few host syncs, a non-finite
 loss still stopping the run at the step where it happened."""
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
 
-from triplet import engine
+from triplet import engine, runtime
+from triplet.data import gpu_cache
 from triplet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from triplet.mining import packaged_triplets
 
@@ -98,3 +100,27 @@ def test_nothing_but_the_sync_points_reads_the_device(monkeypatch, steps, sync_e
 def test_a_non_finite_loss_names_the_epoch_and_its_first_bad_step(bad, sync_every):
     with pytest.raises(engine.NonFiniteLoss, match=f"at epoch 2, step {bad};"):
         run(NanAt(bad), steps=7, sync_every=sync_every)
+
+
+def test_host_copies_are_asynchronous_only_on_cuda(monkeypatch):
+    """On MPS an asynchronous copy can read its source after Python freed it (pytorch#189690), and
+    the training step frees its CPU batch at once: only CUDA, whose caching host allocator keeps a
+    pinned source alive, may copy without waiting. The meta device stands in for MPS in the step's
+    own functions; CUDA and MPS themselves are absent here, so their copies are only recorded."""
+    original, copies = torch.Tensor.to, []
+
+    def recording_to(self, *args, **kwargs):
+        copies.append(kwargs.get("non_blocking", False))
+        target = args[0] if args else kwargs.get("device")
+        if isinstance(target, torch.device) and target.type in ("cuda", "mps"):
+            return self
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    meta = torch.device("meta")
+    assert engine.to_device(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), meta).device == meta
+    assert gpu_cache._on_device(np.zeros(3), meta).device == meta
+    runtime.host_to_device(torch.zeros(3), torch.device("mps"))
+    assert copies and not any(copies)
+    runtime.host_to_device(torch.zeros(3), torch.device("cuda", 0))
+    assert copies[-1] is True

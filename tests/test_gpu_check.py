@@ -22,9 +22,9 @@ def test_gpu_check_cpu_parts_pass_and_report_every_step(tmp_path):
     report = json.loads(out.read_text())
     rows = {r["step"]: r for r in report["steps"]}
     assert result.returncode == 0, [(r["step"], r["message"]) for r in report["steps"] if r["status"] == "fail"]
-    for name in ("train", "resume", "evaluate", "export-cpu", "fp32", "bf16", "gpu-cache", "batch-hard"):
+    for name in ("train", "resume", "evaluate", "export-cpu", "fp32", "bf16", "gpu-cache", "batch-hard", "deterministic"):
         assert rows[name]["status"] == "pass", rows[name]
-    for name in ("train", "fp32", "gpu-cache", "batch-hard"):
+    for name in ("train", "fp32", "gpu-cache", "batch-hard", "deterministic"):
         assert rows[name]["epoch_s"] > 0
     for name in ("fp16", "fp16-resume", "compile", "host-syncs", "ddp-nccl"):
         assert rows[name]["status"] == "skipped", rows[name]
@@ -37,7 +37,7 @@ def test_gpu_check_cpu_parts_pass_and_report_every_step(tmp_path):
         assert config["environment"]["allocator"] == f"{tcmalloc} (LD_PRELOAD)"
     else:
         assert "apt install libtcmalloc-minimal4" in rows["tcmalloc"]["message"]
-    passed, skipped = (9, 5) if tcmalloc else (8, 6)
+    passed, skipped = (10, 5) if tcmalloc else (9, 6)
     assert report["failed"] == 0 and report["passed"] == passed
     table = out.with_suffix(".md").read_text()
     assert "| resume |" in table and f"**{passed} passed, 0 failed, {skipped} skipped**" in table
@@ -209,3 +209,7 @@ def test_the_cuda_plan_runs_fp16_and_its_resume_and_torchrun_where_there_are_two
     assert bool(steps["ddp-nccl"].skip) == (gpus < 2)
     assert ddp[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     assert ddp[ddp.index("--device") + 1] == "cuda"
+    assert steps["fp16-resume"].expect == "loss scale"  # train.py says the GradScaler's state came back
+    assert "--deterministic" in [str(part) for part in steps["deterministic"].command]
+    order = list(steps)
+    assert order.index("ddp-nccl") < order.index("batch-hard") and order[-1] == "compile"  # compile, the slowest, last

@@ -11,7 +11,7 @@ import torch.distributed as td
 
 from triplet import distributed as dist
 from triplet import engine, runtime
-from triplet.checkpoint import check_world_size, prepare_training
+from triplet.checkpoint import check_world_size, make_optimizer, prepare_training
 from triplet.errors import UserError
 from triplet.mining import packaged_triplets
 
@@ -70,6 +70,25 @@ def test_auto_precision_on_cuda_takes_bf16_only_where_native(gpu, native, expect
     assert isinstance(runtime.grad_scaler(CUDA, precision), torch.amp.GradScaler) is (expected == "fp16")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_asked_for_by_name_says_where_it_is_only_emulated(gpu, capabilities, native):
+    gpu(native_bf16=native)
+    capabilities(avx2=True, avx512_bf16=native)
+    for device, faster in ((CUDA, "fp16"), (CPU, "fp32")):
+        precision, reason = runtime.choose_precision("bf16", device)
+        assert precision == "bf16" and reason.startswith("--precision bf16")
+        assert (f"emulated on this {'GPU' if device == CUDA else 'CPU'}, slower than --precision {faster}" in reason) \
+            is not native
+
+
+def test_a_cuda_run_records_tf32_and_the_autotuner(gpu):
+    gpu()
+    recorded = runtime.environment(CUDA, "fp32")["cuda"]
+    assert recorded["tf32_convolutions"] is torch.backends.cudnn.allow_tf32
+    assert set(recorded) == {"tf32_convolutions", "tf32_matmul", "cudnn_benchmark", "deterministic_algorithms"}
+    assert "cuda" not in runtime.environment(CPU, "fp32")
+
+
 @pytest.mark.parametrize("device, precision", [(CPU, "fp16"), (torch.device("mps"), "bf16")])
 def test_precisions_a_device_cannot_run_are_refused(device, precision):
     with pytest.raises(UserError, match=f"--precision {precision}"):
@@ -94,13 +113,25 @@ def test_ddp_backend_follows_the_device_not_whether_cuda_exists(gpu, monkeypatch
     gpu(count=1)
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(td, "init_process_group", lambda backend: calls.append(("init", backend)))
+    monkeypatch.setattr(td, "init_process_group", lambda backend, device_id: calls.append(("init", backend, device_id)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     assert dist.init_distributed(CPU)  # torchrun ... --device cpu on a GPU machine
-    assert calls == [("init", "gloo")]
+    assert calls == [("init", "gloo", None)]
     calls.clear()
     dist.init_distributed(CUDA)
-    assert calls == [("set_device", CUDA), ("init", "nccl")]
+    assert calls == [("set_device", CUDA), ("init", "nccl", CUDA)]
+
+
+def test_torchrun_on_mps_is_one_clear_error(monkeypatch):
+    """gloo carries only CPU and CUDA tensors: DDP's first broadcast of MPS parameters would fail."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert runtime.resolve_device("auto") == torch.device("mps")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("auto", "mps"):
+        with pytest.raises(UserError, match=f"--device {name}: torchrun's processes would exchange MPS tensors"):
+            runtime.resolve_device(name)
+    assert runtime.resolve_device("cpu") == CPU
 
 
 def test_more_local_processes_than_gpus_is_one_clear_error(gpu, monkeypatch):
@@ -208,6 +239,37 @@ def test_resumed_optimizer_state_lives_with_its_parameters():
             assert (state[key].device, state[key].dtype) == (parameter.device, parameter.dtype)
     assert resumed[0].weight.device.type == "meta"
     assert resumed[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_a_resume_keeps_the_adam_implementation_this_process_chose(saved_fused, resumed_fused):
+    """Adam is fused on CUDA only; load_state_dict would take the checkpoint's choice, and a fused
+    Adam given a foreach step fails at GradScaler's first step (a CUDA fp16 run resumed from a
+    checkpoint of before fused Adam, or one moved to another device). The CPU, where fused Adam
+    exists too, stands in for both."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+
+    def steps(model, optimizer, count=2):
+        scaler = torch.amp.GradScaler("cpu")
+        for _ in range(count):
+            optimizer.zero_grad()
+            scaler.scale(model(torch.randn(2, 3, 8, 8)).square().sum()).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    model = net()
+    optimizer = make_optimizer(model, CPU, 1e-3, fused=saved_fused)
+    steps(model, optimizer)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    resumed = net()
+    optimizer = prepare_training(resumed, CPU, 1e-3, 0.0, checkpoint, "checkpoint_last.pt", fused=resumed_fused)
+    steps(resumed, optimizer)
+    assert all(bool(group["fused"]) == resumed_fused for group in optimizer.param_groups)
+    assert all(state["step"].device == CPU and state["step"].dtype == torch.float32 and int(state["step"]) == 4
+               for state in optimizer.state.values())
+    assert make_optimizer(model, CUDA, 1e-3).defaults["fused"] and not make_optimizer(model, CPU, 1e-3).defaults["fused"]
 
 
 def test_a_resume_with_another_number_of_processes_is_refused():

@@ -98,20 +98,45 @@ def model_from_checkpoint(path):
     return model.eval(), checkpoint
 
 
-def prepare_training(model, device, lr, weight_decay=0.0, checkpoint=None, source="checkpoint", scaler=None):
+def make_optimizer(model, device, lr, weight_decay=0.0, fused=None):
+    """Adam as every training path builds it: fused on CUDA (``fused`` None: by device), as nanoGPT
+    does. One kernel updates every parameter, and fp16's GradScaler hands it its inf check as a
+    device tensor; a foreach Adam makes the scaler read that check on the host, a wait every step."""
+    fused = device.type == "cuda" if fused is None else fused
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _keep_own_implementation(optimizer, fused):
+    """``Optimizer.load_state_dict`` takes every hyper-parameter from the checkpoint, ``fused``
+    included, so a run resumed on another device, or from a checkpoint of before fused Adam, would
+    step with the saved implementation while GradScaler follows the built one (a foreach step
+    handed the scaler's inf check fails). Keep this process's choice, with Adam's step counters
+    where that implementation keeps them: float32 on the parameter's device when fused, else on
+    the CPU."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused or None
+        for parameter in group["params"]:
+            step = optimizer.state.get(parameter, {}).get("step")
+            if torch.is_tensor(step):
+                optimizer.state[parameter]["step"] = step.to(device=parameter.device if fused else "cpu", dtype=torch.float32)
+
+
+def prepare_training(model, device, lr, weight_decay=0.0, checkpoint=None, source="checkpoint", scaler=None,
+                     fused=None):
     """Put ``model`` on its device and memory format, then build Adam and load the saved states.
 
     The order matters: ``Optimizer.load_state_dict`` moves the saved state to its parameters'
     device and dtype *when it loads*, so a model moved afterwards (to CUDA, say) would leave
     Adam's moments behind and its first step would mix devices (torchvision's reference and
-    nanoGPT use this order too). Returns the optimizer.
+    nanoGPT use this order too). ``fused``: ``make_optimizer``'s. Returns the optimizer.
     """
     model.to(device, memory_format=torch.channels_last)
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], source)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(model, device, lr, weight_decay, fused)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
+        _keep_own_implementation(optimizer, bool(optimizer.defaults["fused"]))
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
     return optimizer

@@ -15,7 +15,7 @@ import sys
 
 from argparse_dataclass import ArgumentParser
 
-from triplet.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError, last_line
+from triplet.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError, last_line, resource_error_message
 
 # What a shell reports for a program killed by SIGPIPE (128 + 13): `set -o pipefail` still sees that
 # the output was cut short, as it would for a training run whose `tee` died.
@@ -126,6 +126,12 @@ def run(main, options_class, description=None, argv=None):
         sys.exit(EXIT_BROKEN_PIPE)
     except OSError as e:  # an unwritable or full folder, a file in the way: one line, not a traceback
         message = None if debug else path_error_message(e)
+        if message is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except (RuntimeError, MemoryError) as e:  # out of memory and the like: one line; any other is a bug
+        message = None if debug else resource_error_message(e)
         if message is None:
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)

@@ -46,7 +46,8 @@ def init_distributed(device):
     backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(device)
-    td.init_process_group(backend)
+    # NCCL bound to this process's GPU: its barriers then need no guess of the device (and say so)
+    td.init_process_group(backend, device_id=device if backend == "nccl" else None)
     return True
 
 

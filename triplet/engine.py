@@ -21,7 +21,7 @@ from triplet.deploy.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from triplet.errors import UserError
 from triplet.losses import triplet_loss
 from triplet.metrics import retrieval_metrics, triplet_metrics
-from triplet.runtime import autocast
+from triplet.runtime import autocast, host_to_device
 
 # Steps between the host's looks at the running loss: in between it only queues work.
 SYNC_EVERY = 50
@@ -57,7 +57,7 @@ def _normalisation(device):
 def to_device(images, device):
     """A batch on ``device`` in channels_last; uint8 (training) is normalised there, as
     transforms v2's ToDtype(scale=True) + Normalize would (the same operations, bit for bit)."""
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    images = host_to_device(images, device).contiguous(memory_format=torch.channels_last)
     if images.dtype != torch.uint8:
         return images
     mean, std = _normalisation(device)
@@ -102,7 +102,7 @@ def train_one_epoch(model, loader, optimizer, device, precision, margin, miner, 
         images = prepare(images, device)
         with autocast(device, precision):
             embeddings = model(images).float()
-        a, p, n = miner(embeddings.detach(), labels.to(device, non_blocking=True))
+        a, p, n = miner(embeddings.detach(), host_to_device(labels, device))
         loss, active = triplet_loss(embeddings, a, p, n, margin)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:

@@ -6,6 +6,7 @@ Torch-free so that data preparation, plots, the search benchmark and the Makefil
 machine has it.
 """
 import ctypes.util
+import math
 import multiprocessing
 import os
 import platform
@@ -15,8 +16,45 @@ from pathlib import Path
 
 
 def usable_cores():
-    """Cores this process may run on (its affinity mask where the OS has one, e.g. under taskset)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Cores this process may run on: its affinity mask where the OS has one (taskset, Slurm), and
+    no more than a container's CPU quota allows (a pod limited to 8 CPUs on a 128-core node sees
+    all 128 in its mask, and threads or loader workers for 128 would be throttled to 8)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return min(cores, quota) if quota else cores
+
+
+def _quota_cores(quota, period):
+    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+
+
+def cpu_quota(cgroup_root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
+    """The CPUs this process's cgroup quota allows, rounded up (None where there is none, as on most
+    hosts and outside Linux): cgroup v2's cpu.max in its own group and every group above it (the
+    smallest wins), else cgroup v1's cpu.cfs_quota_us."""
+    root, quotas = Path(cgroup_root), []
+    try:
+        own = next((line.split(":", 2)[2].strip() for line in Path(proc_cgroup).read_text().splitlines()
+                    if line.startswith("0::")), "/")
+    except (OSError, IndexError):
+        own = "/"
+    group = root / own.lstrip("/")
+    for folder in [group, *group.parents]:
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                quotas.append(_quota_cores(int(quota), int(period)))
+        except (OSError, ValueError):
+            pass
+        if folder == root:
+            break
+    try:
+        v1 = root / "cpu"
+        quotas.append(_quota_cores(int((v1 / "cpu.cfs_quota_us").read_text()), int((v1 / "cpu.cfs_period_us").read_text())))
+    except (OSError, ValueError):
+        pass
+    quotas = [q for q in quotas if q]
+    return min(quotas) if quotas else None
 
 
 def process_pool(workers):

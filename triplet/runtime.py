@@ -19,12 +19,16 @@ def resolve_device(name="auto"):
 
     Resolved before the process group exists, because the DDP backend follows from it.
     """
+    requested = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     elif name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible; use --device auto or cpu")
     elif name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available; use --device auto or cpu")
+    if name == "mps" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UserError(f"--device {requested}: torchrun's processes would exchange MPS tensors through gloo, which "
+                        f"carries only CPU and CUDA ones; train in one process (python scripts/train.py) on MPS")
     if name != "cuda":
         return torch.device(name)
     processes, gpus = dist.local_world_size(), torch.cuda.device_count()
@@ -32,6 +36,14 @@ def resolve_device(name="auto"):
         raise UserError(f"torchrun starts {processes} processes on this machine but {gpus} CUDA device(s) are "
                         f"visible; use --nproc_per_node {gpus} (one process per GPU), or --device cpu")
     return torch.device("cuda", dist.local_rank())
+
+
+def host_to_device(tensor, device):
+    """A host tensor on ``device``, copied asynchronously only on CUDA: there the caching host
+    allocator keeps a pinned source alive until its copy is done, and a pageable one is staged
+    synchronously. On MPS an asynchronous copy can read its source after Python has freed it and
+    train on wrong values (pytorch/pytorch#189690), so the copy waits there."""
+    return tensor.to(device, non_blocking=device.type == "cuda")
 
 
 def cpu_bf16_decision(capabilities, onednn_bf16=True):
@@ -78,7 +90,7 @@ def choose_precision(precision, device):
         raise UserError("--precision fp16: CPUs have no fast fp16 training; use bf16 (native on AVX-512-bf16/AMX "
                         "CPUs) or fp32")
     if precision != "auto":
-        return precision, f"--precision {precision}"
+        return precision, f"--precision {precision}{_emulation_note(precision, device)}"
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16", f"{torch.cuda.get_device_name(device)} computes bf16 natively"
@@ -87,6 +99,17 @@ def choose_precision(precision, device):
         native, reason = cpu_bf16_reason()
         return ("bf16" if native else "fp32"), reason
     return "fp32", f"{device.type}: fp32"
+
+
+def _emulation_note(precision, device):
+    """Where bf16 was asked for by name on hardware that only emulates it, the run says so: autocast
+    accepts it there (a V100 or T4, an AVX2 CPU) and runs slower than fp16 or fp32 would."""
+    if precision != "bf16" or device.type not in ("cuda", "cpu"):
+        return ""
+    if device.type == "cuda":
+        return "" if torch.cuda.is_bf16_supported(including_emulation=False) else \
+            " (emulated on this GPU, slower than --precision fp16)"
+    return "" if cpu_has_bf16() else " (emulated on this CPU, slower than --precision fp32)"
 
 
 def resolve_precision(precision, device):
@@ -214,4 +237,14 @@ def environment(device, precision, world_size=1, precision_reason=None):
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "python": platform.python_version(), "git_commit": git_commit(), "device": str(device),
             "device_name": device_name(device), "allocator": allocator_name(), "threads": torch.get_num_threads(),
-            "precision": precision, "precision_reason": precision_reason, "world_size": world_size}
+            "precision": precision, "precision_reason": precision_reason, "world_size": world_size,
+            **({"cuda": cuda_numerics()} if device.type == "cuda" else {})}
+
+
+def cuda_numerics():
+    """What sets a CUDA run's numbers beside its precision: PyTorch computes fp32 convolutions in
+    TF32 by default on Ampere and newer (matmuls stay fp32), and cuDNN's autotuner picks its
+    algorithms per run unless --deterministic."""
+    return {"tf32_convolutions": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}

@@ -189,24 +189,27 @@ def plan_steps(opts, data_dir, work, gpus, auto_precision="bf16"):
             skip = "this GPU has no native bf16 (--precision auto picks fp16 here)"
         steps.append(train(precision, f"1 epoch in {precision}", "--precision", precision, "--force", skip=skip))
     steps.append(train("fp16-resume", "--resume the fp16 run to epoch 2 (its GradScaler's state)", "--precision", "fp16",
-                       "--resume", epochs=2, out=runs / "fp16", expect="resuming", skip=no_fp16, needs="fp16"))
-    tcmalloc = find_tcmalloc()
-    steps += [
-        train("tcmalloc", "1 epoch started with tcmalloc preloaded, as make starts train.py", "--force",
-              env=allocator_environment(tcmalloc),
-              skip="" if tcmalloc else "no tcmalloc here (apt install libtcmalloc-minimal4)"),
-        train("gpu-cache", "1 epoch with --gpu-cache (batched augmentation on the device)", "--gpu-cache", "--force"),
-        train("compile", "1 epoch with --compile", "--compile", "--force"),
-        train("batch-hard", "1 epoch of batch-hard mining in PK batches", "--mining", "hard",
-              "--samples-per-class", 4, "--force"),
-    ]
-    steps.append(Step("host-syncs", "the training loop waits for the GPU only at its sync points",
-                      [python, "-c", "from triplet.bench.speed import count_host_syncs; count_host_syncs()"],
-                      expect="host synchronisations", skip="" if cuda else "torch.cuda.set_sync_debug_mode is CUDA-only"))
+                       "--resume", epochs=2, out=runs / "fp16", expect="loss scale", skip=no_fp16, needs="fp16"))
+    # The most GPU-specific checks first, the slowest (compile) last: a spent --budget skips the end
     torchrun = [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2, SCRIPTS / "train.py"]
     steps.append(Step("ddp-nccl", "torchrun, 2 processes on 2 GPUs (NCCL)",
                       [*torchrun, *common, "--epochs", 1, "--out", runs / "ddp", "--force"], run_dir=str(runs / "ddp"),
                       skip="" if gpus >= 2 else f"needs 2 CUDA devices, {gpus} visible"))
+    steps.append(Step("host-syncs", "the training loop waits for the GPU only at its sync points (auto precision)",
+                      [python, "-c", "from triplet.bench.speed import count_host_syncs; count_host_syncs()"],
+                      expect="host synchronisations", skip="" if cuda else "torch.cuda.set_sync_debug_mode is CUDA-only"))
+    tcmalloc = find_tcmalloc()
+    steps += [
+        train("batch-hard", "1 epoch of batch-hard mining in PK batches", "--mining", "hard",
+              "--samples-per-class", 4, "--force"),
+        train("gpu-cache", "1 epoch with --gpu-cache (batched augmentation on the device)", "--gpu-cache", "--force"),
+        train("deterministic", "1 epoch with --deterministic (torch.use_deterministic_algorithms)", "--deterministic",
+              "--force"),
+        train("tcmalloc", "1 epoch started with tcmalloc preloaded, as make starts train.py", "--force",
+              env=allocator_environment(tcmalloc),
+              skip="" if tcmalloc else "no tcmalloc here (apt install libtcmalloc-minimal4)"),
+        train("compile", "1 epoch with --compile", "--compile", "--force"),
+    ]
     return [step if step.name not in opts.skip or step.skip else
             Step(step.name, step.what, step.command, skip=f"--skip {step.name}") for step in steps]
 

@@ -12,6 +12,7 @@ import torch
 
 from triplet import engine, runtime
 from triplet.bench.timing import matmul_peak_gflops, memory_report, synchronize, timed_batches, train_gflop_per_triplet
+from triplet.checkpoint import make_optimizer
 from triplet.data.datasets import ImageDataset
 from triplet.data.samplers import TripletBatchSampler
 from triplet.mining import packaged_triplets
@@ -58,7 +59,7 @@ def training_speed(device, backbone, paths, labels, image_size, batch_size, warm
     model = _suite_model(device, backbone, image_size)
     loader = engine.make_loader(ImageDataset(paths, labels, TrainTransform(image_size)), device, workers,
                                 batch_sampler=TripletBatchSampler(labels, batch_size), persistent=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    optimizer = make_optimizer(model, device, 0.001)
     seconds = []
     engine.train_one_epoch(runtime.compile_model(model, device) if compiled else model,
                            timed_batches(loader, warmup, steps, device, seconds), optimizer, device,
@@ -112,7 +113,7 @@ def profile_training_step(device, backbone, image_size, batch_size, precision):
     device = torch.device(device)
     runtime.set_cpu_threads(device)  # the threads the timed rows ran with
     model = _suite_model(device, backbone, image_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    optimizer = make_optimizer(model, device, 0.001)
     images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8)
     batch = [(images, torch.zeros(3 * batch_size, dtype=torch.long))]
     engine.train_one_epoch(model, batch, optimizer, device, precision, 1.0, packaged_triplets, progress=False)
@@ -135,19 +136,22 @@ def profile_training_step(device, backbone, image_size, batch_size, precision):
             "top_ops_s": [[name, round(t, 3)] for name, t in ops[:8]]}
 
 
-def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
-    """Host synchronisations in ``steps`` bf16 offline-triplet steps of ResNet18 on CUDA, counted
-    by torch.cuda.set_sync_debug_mode after a warm-up epoch; the loop should only wait at its
-    sync points (``steps / sync_every`` of them, the epoch's end included). Exit status 1 if more."""
+def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16, precision="auto"):
+    """Host synchronisations in ``steps`` offline-triplet steps of ResNet18 on CUDA, counted by
+    torch.cuda.set_sync_debug_mode after a warm-up epoch, in the precision auto picks there (fp16's
+    GradScaler included on a GPU without native bf16); the loop should only wait at its sync points
+    (``steps / sync_every`` of them, the epoch's end included). Exit status 1 if more."""
     device = torch.device("cuda", 0)
+    precision = runtime.resolve_precision(precision, device)
     model = build_model("resnet18", weights="none").to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(model, device, 1e-4)
+    scaler = runtime.grad_scaler(device, precision)
     images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8).pin_memory()
     batches = [(images, torch.zeros(3 * batch_size, dtype=torch.int64).pin_memory())] * steps
 
     def epoch():
-        engine.train_one_epoch(model, batches, optimizer, device, "bf16", 1.0, packaged_triplets, progress=False,
-                               sync_every=sync_every)
+        engine.train_one_epoch(model, batches, optimizer, device, precision, 1.0, packaged_triplets, progress=False,
+                               scaler=scaler, sync_every=sync_every)
 
     epoch()
     torch.cuda.set_sync_debug_mode("warn")
@@ -160,6 +164,6 @@ def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16):
     ok = len(syncs) <= expected
     for w in syncs[:5]:  # where they were, then the count, last: the report's message is a step's last line
         print(f"  {w.filename}:{w.lineno}: {w.message}", file=sys.stdout if ok else sys.stderr)
-    print(f"{len(syncs)} host synchronisations in {steps} steps (expected {expected}: every {sync_every} steps)",
+    print(f"{len(syncs)} host synchronisations in {steps} {precision} steps (expected {expected}: every {sync_every} steps)",
           file=sys.stdout if ok else sys.stderr)
     sys.exit(0 if ok else 1)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from triplet.data.transforms import load_image
+from triplet.runtime import host_to_device
 
 JITTER = 0.2  # brightness, contrast and saturation factors in [1 - JITTER, 1 + JITTER], as TrainTransform
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -76,7 +77,7 @@ def _on_device(array, device):
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cuda":
         tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+    return host_to_device(tensor, device)
 
 
 @lru_cache(maxsize=None)
