@@ -123,7 +123,9 @@ CUSTOM_NAME = $(basename $(notdir $(patsubst %/,%,$(IMAGES))))
 CUSTOM_DATA = $(DATA_DIR)/$(CUSTOM_NAME)
 CUSTOM_RUN = $(RESULTS)/$(CUSTOM_NAME)-$(BACKBONE)$(RUN_TAG)
 CUSTOM_MODEL = exports/$(CUSTOM_NAME)-$(BACKBONE)$(RUN_TAG).onnx
-CUSTOM_SOURCE = $(if $(filter %.csv,$(IMAGES)),--manifest,--image-folder) $(IMAGES)
+# A CSV by its suffix in any case (photos.CSV from a spreadsheet); make has no lower-case function.
+CUSTOM_CSV = $(filter .csv,$(subst C,c,$(subst S,s,$(subst V,v,$(suffix $(IMAGES))))))
+CUSTOM_SOURCE = $(if $(CUSTOM_CSV),--manifest,--image-folder) $(IMAGES)
 # Offline triplets work from two classes up; a cosine schedule and a small lr suit a pretrained trunk.
 CUSTOM_ARGS ?= --epochs $(or $(EPOCHS),30) --lr 0.0001 --batch-size 32 --margin 0.2 --scheduler cosine
 ## custom: IMAGES=DIR|FILE.csv [BACKBONE=resnet50]: prepare, train (resuming), evaluate, plots, report, ONNX + INT8
@@ -135,7 +137,7 @@ custom: | setup
 	$(PY) scripts/plot_embeddings.py --run $(CUSTOM_RUN)
 	$(PY) scripts/report.py --results $(RESULTS)
 	$(PY) scripts/export_onnx.py --run $(CUSTOM_RUN) --out $(CUSTOM_MODEL) --int8
-	@echo; echo "next: $(PY) scripts/search.py --model $(CUSTOM_MODEL) --gallery $(if $(filter %.csv,$(IMAGES)),DIR,$(IMAGES)) --query PHOTO.jpg"
+	@echo; echo "next: $(PY) scripts/search.py --model $(CUSTOM_MODEL) --gallery $(if $(CUSTOM_CSV),DIR,$(IMAGES)) --query PHOTO.jpg"
 
 ##@ Reporting and deployment
 ## report: results/REPORT.md, every run beside the study's published numbers

@@ -20,8 +20,8 @@ import numpy as np
 from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, check_backbone
 from triplet.cli import check, run
-from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
-                                  run_data_options)
+from triplet.data.prepare import (DataOptions, check_same_splits, prepared_dir, query_mask, read_manifest,
+                                  read_prepare_info, run_data_options)
 from triplet.errors import UserError
 from triplet.fileio import atomic_path, write_json
 
@@ -128,6 +128,8 @@ def main(opts):
     if not (run_dir / "config.json").exists():  # a new baseline folder: record how it was made
         runs.write_config(run_dir, {"options": options, "environment": runtime.environment(device, precision)})
     prepared = prepared_dir(data)
+    if opts.checkpoint != "none" and (run_dir / "config.json").exists():
+        check_same_splits(runs.read_config(run_dir / "config.json").get("dataset"), prepared, run_dir, "evaluating it")
     paths, labels = read_manifest(prepared, "test")
     source, is_query = read_prepare_info(prepared), query_mask(prepared, paths)
     dataset = ImageDataset(paths, labels, EvalTransform(options["image_size"]))
@@ -138,6 +140,11 @@ def main(opts):
     suffix = "_untrained" if untrained_beside_trained else ""
     with atomic_path(run_dir / f"test_embeddings{suffix}.npz") as tmp:
         np.savez(tmp, embeddings=embeddings, labels=labels, paths=np.array(paths))
+    if is_query is not None:
+        unanswerable = int(np.isin(labels[is_query], labels[~is_query], invert=True).sum())
+        if unanswerable:
+            print(f"note: {unanswerable} of {int(is_query.sum())} queries have no image of their class in the gallery: "
+                  f"Precision@k and Recall@k count them as misses, MAP@R and R-Precision leave them out")
     metrics = engine.evaluate_embeddings(embeddings, labels, options.get("margin", 1.0), opts.seed, is_query=is_query)
     result = {**{k: round(v, 4) for k, v in metrics.items()}, **info, "backbone": options["backbone"],
               "embedding_dim": options["embedding_dim"], "image_size": options["image_size"],

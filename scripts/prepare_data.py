@@ -68,7 +68,8 @@ class Options(DataOptions):
         check(self.seed >= 0, f"--seed {self.seed}: must be >= 0")
         check(self.split_seed >= 0, f"--split-seed {self.split_seed}: must be >= 0")
         check(2 <= self.classes <= MAX_CLASSES, f"--classes {self.classes}: must be 2-{MAX_CLASSES} (distinct synthetic classes)")
-        check(self.per_class >= 2, f"--per-class {self.per_class}: must be >= 2 (one train, one test image a class)")
+        check(self.per_class >= 4, f"--per-class {self.per_class}: must be >= 4 (two train and two test images a class: "
+                                   f"triplets need pairs)")
         check(self.synthetic_size >= 16, f"--synthetic-size {self.synthetic_size}: must be >= 16 pixels")
         check(self.max_members >= 1, f"--max-members {self.max_members}: must be >= 1")
         check(self.max_extract_gb > 0, f"--max-extract-gb {self.max_extract_gb}: must be > 0")

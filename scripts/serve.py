@@ -9,6 +9,7 @@ neighbours, marked right or wrong (--run, default: the model's own run when it i
 Listens on 127.0.0.1 only unless --host says otherwise. Torch-free: onnxruntime, NumPy, Pillow,
 Starlette and uvicorn (plus faiss-cpu for --index faiss). See docs/deploy.md.
 """
+import errno
 import ipaddress
 import socket
 import sys
@@ -45,15 +46,19 @@ def log(message):
 
 
 def check_port(host, port):
-    """Fail with one line now, rather than in uvicorn's log, when the address cannot be bound."""
+    """Fail with one line now, rather than in uvicorn's log, when the address cannot be bound; a port in
+    use (or reserved for root) is --port's fault, anything else (no such name, not this machine's) --host's."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
-                        f"choose another --port") from e
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                            f"choose another --port") from e
+        raise UserError(f"--host {host}: cannot listen there ({e.strerror}); give an address of this machine "
+                        f"(127.0.0.1, or 0.0.0.0 for all of them) or a name that resolves to one") from e
 
 
 def browse_run(opts, embedder):

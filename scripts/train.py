@@ -12,13 +12,14 @@ import dataclasses
 import math
 import shlex
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
 from triplet.cli import check, plural, run
-from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
+from triplet.data.prepare import DataOptions, check_same_splits, prepared_dir, read_manifest, read_prepare_info
 from triplet.deploy.preprocess import resize_size_for
 from triplet.errors import UserError
 from triplet.machine import allocator_tip
@@ -185,6 +186,7 @@ def main(opts):
     optimizer = prepare_training(model, device, opts.lr, opts.weight_decay, checkpoint, resume_from, scaler)
     start_epoch, best_metric, history = 0, float("-inf"), []
     if checkpoint:
+        check_same_splits((checkpoint.get("config") or {}).get("dataset"), prepared, run_dir, "resuming it")
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
     if start_epoch >= opts.epochs:
@@ -207,6 +209,10 @@ def main(opts):
         if opts.force:
             runs.set_aside_old_run(run_dir, log)
         runs.write_config(run_dir, config)
+    small = sum(n < opts.samples_per_class for n in Counter(train_labels).values()) if opts.mining != "none" else 0
+    if small:
+        log(f"note: {plural(small, 'class', 'classes')} of {len(set(train_labels))} {'has' if small == 1 else 'have'} fewer training images than "
+            f"--samples-per-class {opts.samples_per_class}: their PK groups repeat images (differently augmented)")
     if opts.image_size > opts.resize:
         log(f"note: --image-size {opts.image_size} crops come from images prepared at short side {opts.resize} "
             f"(--resize): they are upscaled, so the model sees no more detail than {opts.resize} px holds; "
@@ -281,9 +287,14 @@ def resume_command(opts, processes=1):
 
 def interrupted_main(opts):
     from triplet import distributed as dist
+    from triplet.fileio import DiskFull
 
     try:
         main(opts)
+    except DiskFull as e:  # the run folder holds a run now: "run the command again" would be refused
+        if not (Path(opts.out) / "config.json").exists():
+            raise
+        raise DiskFull(str(e).replace("run the command again", f"resume with: {resume_command(opts, dist.world_size())}")) from e
     except KeyboardInterrupt:
         if dist.is_main():
             print(f"\ninterrupted; {opts.out}/checkpoint_last.pt holds the last completed epoch. Resume with:\n"

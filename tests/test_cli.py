@@ -64,7 +64,7 @@ def test_a_folder_option_that_is_a_file_is_one_line(tmp_path):
     """prepare_data.py --synthetic --data-dir FILE used to end in FileExistsError's traceback."""
     (tmp_path / "afile").write_text("not a folder")
     result = run_script("prepare_data", "--synthetic", "--data-dir", tmp_path / "afile", "--classes", 2,
-                        "--per-class", 2, "--synthetic-size", 32, "--workers", 0, check=False)
+                        "--per-class", 4, "--synthetic-size", 32, "--workers", 0, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(tmp_path / "afile") in result.stderr and result.stderr.count("\n") == 1
 

@@ -1,4 +1,5 @@
 """The torch-free deployment side: OnnxEmbedder and its errors (search: test_search.py)."""
+import json
 import shutil
 import subprocess
 import sys
@@ -72,6 +73,28 @@ def test_clear_errors_for_bad_model_files(model_path, tmp_path, case):
     assert str(path) in message and "\n" not in message
     assert {"missing": "not found", "not_onnx": "not a loadable ONNX model",
             "no_metadata": "no triplet metadata"}[case] in message
+
+
+@pytest.mark.parametrize("changes, problem", [
+    ({"image_size": 64, "resize_size": 73}, "image_size 64, but the model's input is batch x 3 x 32 x 32"),
+    ({"embedding_dim": 64}, "embedding_dim 64, but the model's output is batch x 128"),
+    ({"image_size": 100_000}, "image_size 100000 is over 8000 pixels"),
+    ({"resize_size": 10}, "resize_size 10 is smaller than image_size 32"),
+])
+def test_metadata_that_disagrees_with_the_graph_is_one_line(model_path, images, tmp_path, changes, problem):
+    """Each once ended search.py in a traceback from onnxruntime, NumPy or Pillow, or (resize 10) ran wrongly."""
+    proto = onnx.load(model_path)
+    for prop in proto.metadata_props:
+        if prop.key in changes:
+            prop.value = json.dumps(changes[prop.key])
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, path)
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    shutil.copy(images[0], gallery / "a.jpg")
+    status, output = call_script("search", "--model", path, "--gallery", gallery, "--query", images[0], "--no-cache")
+    assert status == 2 and len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    assert f"{path}: damaged triplet metadata ({problem}" in output and "export it again" in output
 
 
 def test_clear_error_for_an_unreadable_image(model_path, tmp_path):

@@ -146,6 +146,15 @@ def test_custom_runs_the_whole_chain_on_your_own_images(images, source, tmp_path
     assert "scripts/search.py --model exports/" in output
 
 
+@pytest.mark.parametrize("images", ["photos.CSV", "data/photos.Csv"])
+def test_custom_reads_a_csv_whatever_the_case_of_its_suffix(images, tmp_path):
+    """photos.CSV (a spreadsheet's export) went to prepare_data as --image-folder."""
+    output = dry_run("custom", f"IMAGES={images}", tmp_path=tmp_path)
+    prepare = next(line for line in output.splitlines() if "scripts/prepare_data.py" in line)
+    assert option(prepare, "manifest") == images and "--image-folder" not in prepare
+    assert option(prepare, "data-dir") == f"{tmp_path}/data/photos" and "--gallery DIR" in output
+
+
 
 def test_training_and_evaluation_start_with_the_allocator_the_machine_has(tmp_path):
     commands = [line for line in dry_run("exp1", "ALLOCATOR=LD_PRELOAD=libtcmalloc_minimal.so.4", tmp_path=tmp_path)

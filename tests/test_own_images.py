@@ -63,8 +63,8 @@ def test_folder_official_split_is_stratified_seeded_and_reads_only(tmp_path):
     assert len(train) + len(test) == 24  # the nested photos count, the loose one does not
     assert {c: test.count(c) for c in set(test)} == {1: 2, 2: 2, 3: 2, 4: 2}  # round(6 * 0.34) per class
     info = read_json(prepared / "prepare.json")
-    assert info["dataset"] | {"source": ""} == {"name": "photos", "kind": "folder", "source": "", "listed": 24,
-                                                "test_fraction": 0.34}
+    assert info["dataset"] | {"source": "", "fingerprint": ""} == {
+        "name": "photos", "kind": "folder", "source": "", "listed": 24, "test_fraction": 0.34, "fingerprint": ""}
     assert read_prepare_info(prepared)["protocol"] == "leave-one-out"
     paths = read_manifest(prepared, "train")[0]
     assert any("/class 0/2024/" in p for p in paths)
@@ -136,7 +136,7 @@ def test_too_few_photos_for_a_test_split_is_refused(tmp_path):
     folder = make_photo_folder(tmp_path / "photos", per_class=2)
     with pytest.raises(UserError, match="the test split of --split official is empty"):
         prepare_folder(folder, tmp_path / "data")
-    with pytest.raises(UserError, match="--split classes: needs at least 3 classes"):
+    with pytest.raises(UserError, match="--split classes: needs at least 4 classes"):
         prepare_folder(make_photo_folder(tmp_path / "two", classes=2), tmp_path / "d2", split="classes")
 
 
@@ -249,7 +249,9 @@ def test_the_whole_chain_from_a_photo_folder(tmp_path, monkeypatch):
         status, outputs[name] = call_script(name, *args)
         assert status == 0, f"{name}: {outputs[name]}"
     run = tmp_path / "results" / "photos-resnet18"
-    assert read_json(run / "config.json")["dataset"] | {"source": ""} == {"name": "photos", "kind": "folder", "source": ""}
+    splits = read_json(tmp_path / "data" / "photos" / "prepared" / "official-r40-val0.1-seed0" / "prepare.json")["splits"]
+    assert read_json(run / "config.json")["dataset"] | {"source": ""} == {"name": "photos", "kind": "folder", "source": "",
+                                                                         "splits": splits}
     metrics = read_json(run / "metrics.json")
     assert (metrics["dataset"], metrics["dataset_kind"], metrics["protocol"]) == ("photos", "folder", "leave-one-out")
     assert "### photos (folder)" in (tmp_path / "results" / "REPORT.md").read_text()
@@ -259,9 +261,9 @@ def test_the_whole_chain_from_a_photo_folder(tmp_path, monkeypatch):
 
 def test_a_query_gallery_manifest_is_evaluated_with_its_protocol(tmp_path, monkeypatch):
     make_photo_folder(tmp_path / "photos", classes=4, per_class=8)
-    rows = [(f"photos/class {k}/IMG_{i:04d}.jpg", f"c{k}", "query" if i == 0 else "gallery" if i < 4 else "train")
-            for k in range(4) for i in range(8)]
-    write_manifest(tmp_path / "shop.csv", rows)
+    rows = [(f"photos/class {k}/IMG_{i:04d}.jpg", f"c{k}", "query" if i == 0 or (k == 3 and i < 4)
+             else "gallery" if i < 4 else "train") for k in range(4) for i in range(8)]
+    write_manifest(tmp_path / "shop.csv", rows)  # class 3: queries only, none in the gallery
     monkeypatch.chdir(tmp_path)
     data = ["--data-dir", "data/shop", "--resize", 40, "--val-fraction", 0]
     for name, *args in [("prepare_data", "--manifest", "shop.csv", *data, "--workers", 1),
@@ -270,9 +272,10 @@ def test_a_query_gallery_manifest_is_evaluated_with_its_protocol(tmp_path, monke
                         ("evaluate", "--run", "results/shop", "--workers", 0)]:
         status, output = call_script(name, *args)
         assert status == 0, f"{name}: {output}"
+    assert "note: 4 of 7 queries have no image of their class in the gallery" in output
     metrics = read_json(tmp_path / "results" / "shop" / "metrics.json")
     assert metrics["protocol"] == "query-gallery" and metrics["dataset_kind"] == "manifest"
-    assert (metrics["num_queries"], metrics["num_gallery"], metrics["num_images"]) == (4, 12, 16)
+    assert (metrics["num_queries"], metrics["num_gallery"], metrics["num_images"]) == (7, 9, 16)
 
 
 def test_manifest_problems_found_while_preparing_name_the_csv_line(tmp_path):
@@ -299,3 +302,13 @@ def test_files_of_other_kinds_are_counted_in_a_note(tmp_path):
     assert len(dataset.records) == 6
     note, = [n for n in notes if "skipped" in n]
     assert "4 file(s) in class folders skipped" in note and "(.heic 2, .gif 1, hidden 1)" in note
+
+
+def test_a_manifest_column_named_twice_is_refused_not_read_from_the_last(tmp_path):
+    """path,label,label read the second label column without a word."""
+    make_photo_folder(tmp_path / "photos", classes=1, per_class=2)
+    rows = [("photos/class 0/IMG_0000.jpg", "cat", "dog"), ("photos/class 0/IMG_0001.jpg", "cat", "dog")]
+    with pytest.raises(UserError, match=r"set\.csv:1: header path,label,label has the column label twice"):
+        sources.from_manifest(write_manifest(tmp_path / "set.csv", rows, header=("path", "label", " label")))
+    notes = write_manifest(tmp_path / "notes.csv", [row + ("",) for row in rows], header=("path", "label", "", ""))
+    assert [r.class_name for r in sources.from_manifest(notes).records] == ["cat", "cat"]  # blank ones are not read

@@ -169,3 +169,35 @@ def test_counts_read_as_english():
 
     assert plural(1, "run") == "1 run" and plural(2, "run") == "2 runs" and plural(0, "epoch") == "0 epochs"
     assert plural(1, "class", "classes") == "1 class" and plural(3, "class", "classes") == "3 classes"
+
+
+def test_nan_or_infinite_precision_is_missing_never_best(results):
+    # "a-" sorts first: an unguarded sort leaves a NaN key where it is, so it would rank best
+    for name, value, kind in (("a-nan-resnet18", "NaN", None), ("inf-resnet18", "Infinity", "folder")):
+        shutil.copytree(results / "exp1-resnet18", results / name)
+        path = results / name / "metrics.json"
+        metrics = json.loads(path.read_text()) | ({"dataset": "mine", "dataset_kind": kind} if kind else {})
+        path.write_text(json.dumps(metrics).replace(f'"precision_at_1": {metrics["precision_at_1"]}',
+                                                    f'"precision_at_1": {value}'))
+    warnings = []
+    text, count = report.build_report(results, log=warnings.append)
+    assert count == 4
+    rows = {row.split("[")[1].split("]")[0]: row for row in read_rows(text)}
+    assert rows["exp1-resnet18"].startswith("| 1 **best** |")
+    assert rows["a-nan-resnet18"].startswith("| 3 |")  # after the baseline, and not best
+    assert rows["inf-resnet18"].startswith("| 1 |")  # alone on its dataset, yet not best
+    nan_row = rows["a-nan-resnet18"]
+    assert [c.strip() for c in nan_row.strip("|").split("|")][11] == "—" and "| nan |" not in text and "| inf |" not in text
+    assert len(warnings) == 2 and all("precision_at_1 is" in w and "not a real number" in w for w in warnings)
+
+
+def test_runs_with_a_null_or_nan_precision_rank_last_without_a_traceback(tmp_path):
+    """find_runs (the report, and export_onnx.py's choice of the best run) sorted on the raw value:
+    null raised TypeError, and NaN could rank first."""
+    from triplet.runs import find_runs
+
+    for name, value in (("a-nan", "NaN"), ("b-null", "null"), ("c-real", "40.0"), ("d-inf", "-Infinity")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(f'{{"precision_at_1": {value}}}')
+    ranked = [run_dir.name for run_dir, _ in find_runs(tmp_path, log=lambda *a: None)]
+    assert ranked[0] == "c-real" and sorted(ranked) == ["a-nan", "b-null", "c-real", "d-inf"]

@@ -527,3 +527,29 @@ def test_prepare_data_options_raise_the_archive_bounds(synthetic_root, tmp_path)
     status, output = call_script("prepare_data", *args, "--max-members", 20)
     assert status == 2 and "more than 20 members" in output.splitlines()[-1] and "Traceback" not in output
     assert not (tmp_path / "data" / "CUB_200_2011").exists() and archive.exists()
+
+
+def test_a_full_disk_during_training_says_to_resume_not_to_run_it_again(tmp_path, monkeypatch):
+    """"free some space and run the command again": the same command was then refused, since the
+    folder now holds a run ("already holds a run; pass --resume")."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+    from triplet.fileio import DiskFull, disk_full_error
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    opts = train.Options(out=str(tmp_path / "run"), epochs=3)
+
+    def full(opts):
+        raise disk_full_error(tmp_path / "run" / "checkpoint_last.pt")
+
+    monkeypatch.setattr(train, "main", full)
+    with pytest.raises(DiskFull, match="free some space and run the command again"):
+        train.interrupted_main(opts)  # nothing written yet: the same command is right
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(DiskFull, match=r"free some space and resume with: python scripts/train.py --epochs 3 "
+                                       r"--out .*run --resume"):
+        train.interrupted_main(opts)

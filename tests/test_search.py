@@ -80,6 +80,39 @@ def test_cache_is_keyed_by_contents_and_grows_incrementally(model_path, gallery,
     assert "embedding 14 of 14" in search(model_path, gallery, query)
 
 
+@pytest.mark.parametrize("damage", ["columns", "rows"])
+def test_a_cache_that_loads_but_does_not_fit_is_rebuilt(model_path, gallery, cache_home, damage):
+    """Embeddings cut to 64 columns once failed every later search (could not broadcast (64,) into (128,))."""
+    query = sorted(gallery.rglob("*.jpg"))[0]
+    search(model_path, gallery, query)
+    cache, = (cache_home / "triplet").glob("gallery-*.npz")
+    with np.load(cache) as data:
+        arrays = dict(data)
+    arrays["embeddings"] = arrays["embeddings"][:, :64] if damage == "columns" else arrays["embeddings"][:5]
+    np.savez(cache, **arrays)
+    assert "embedding 12 of 12" in search(model_path, gallery, query)
+    assert "embedding" not in search(model_path, gallery, query)  # the rebuilt cache is used
+
+
+@pytest.mark.parametrize("damage", ["truncated", "rows"])
+def test_a_damaged_saved_index_is_rebuilt(model_path, gallery, cache_home, damage):
+    query = sorted(gallery.rglob("*.jpg"))[3]
+    search(model_path, gallery, query, "--index", "faiss-flat")
+    index_file, = (cache_home / "triplet").glob("gallery-*.faiss-flat.npz")
+    with np.load(index_file) as data:
+        arrays = dict(data)
+    if damage == "truncated":  # faiss cannot read it (RuntimeError)
+        arrays["index"] = arrays["index"][:100]
+    else:  # fewer names than rows: the rows would be appended again
+        arrays["names"] = arrays["names"][:6]
+    np.savez(index_file, **arrays)
+    out = search(model_path, gallery, query, "--index", "faiss-flat", "--json")
+    matches = first_json(out)["results"][0]["matches"]
+    assert "adding" not in out and matches[0]["path"] == query.relative_to(gallery).as_posix()
+    with np.load(index_file) as data:
+        assert len(data["names"]) == 12
+
+
 def test_cache_and_no_cache_options(model_path, gallery, cache_home, tmp_path):
     query = sorted(gallery.rglob("*.jpg"))[0]
     search(model_path, gallery, query, "--no-cache")

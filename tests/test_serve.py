@@ -126,6 +126,21 @@ def test_nothing_outside_the_lists_is_served(served, url, status):
     assert response.status_code == status and b"root:" not in response.content
 
 
+@pytest.mark.parametrize("method, url, body, status, message", [
+    ("post", "/api/search", b"--x\r\nnot a form", 400, "upload: not a readable multipart form (Invalid multipart"),
+    ("post", "/api/search", b"no boundary", 400, "upload: not a readable multipart form (Missing boundary"),
+    ("get", "/api/gallery/-1/neighbours", None, 404, "/api/gallery/-1/neighbours: Not Found"),
+    ("get", "/api/search", None, 405, "/api/search: Method Not Allowed"),
+])
+def test_api_errors_from_starlette_are_json_too(served, method, url, body, status, message):
+    """Starlette's own answers to a malformed form, an id its route does not match, a wrong method were plain text."""
+    client, _, _ = served
+    boundary = "; boundary=y" if body and body.startswith(b"--") else ""
+    response = client.request(method, url, content=body, headers={"Content-Type": "multipart/form-data" + boundary})
+    assert response.status_code == status and response.json()["error"].startswith(message)
+    assert client.get("/gallery/-1").text == "Not Found"  # the page's files stay plain
+
+
 def test_a_file_swapped_for_a_symlink_after_start_is_refused(model_path, test_images, tmp_path):
     folder = copy_gallery(test_images[:3], tmp_path / "gallery")
     gallery = load_gallery(OnnxEmbedder(model_path), folder, use_cache=False, log=lambda m: None)
@@ -199,3 +214,9 @@ def test_busy_port_is_a_one_line_error(model_path, tmp_path):
         status, out = call_script("serve", "--model", model_path, "--gallery", tmp_path, "--port",
                                   busy.getsockname()[1])
     assert status == 2 and "cannot listen there" in out and "choose another --port" in out
+
+
+@pytest.mark.parametrize("host", ["256.1.1.1", "192.0.2.1"])  # no such address; an address of another machine
+def test_a_host_that_cannot_be_bound_names_host_not_port(model_path, tmp_path, host):
+    status, out = call_script("serve", "--model", model_path, "--gallery", tmp_path, "--host", host)
+    assert status == 2 and f"--host {host}: cannot listen there" in out and "--port" not in out

@@ -212,7 +212,7 @@ def test_bad_options_give_one_line_errors(synthetic_root, tmp_path, args, messag
 @pytest.mark.parametrize("script, args, message", [
     ("evaluate", ["--run", "r", "--seed", "-1"], "--seed -1: must be >= 0"),
     ("prepare_data", ["--synthetic", "--classes", "1"], "--classes 1: must be 2-400"),
-    ("prepare_data", ["--synthetic", "--per-class", "1"], "--per-class 1: must be >= 2"),
+    ("prepare_data", ["--synthetic", "--per-class", "1"], "--per-class 1: must be >= 4"),
     ("prepare_data", ["--synthetic", "--synthetic-size", "1"], "--synthetic-size 1: must be >= 16"),
     ("prepare_data", ["--split-seed", "-1"], "--split-seed -1: must be >= 0"),
     ("plot_embeddings", ["--run", "r", "--max-points", "1"], "--max-points 1: must be 0 (all) or >= 2"),

@@ -220,7 +220,8 @@ def markdown(report):
              f"{m['device_name']} ({m['gpus']} CUDA device(s) visible), torch {m['torch']}; auto precision: "
              f"{m['precision']} ({m['precision_reason']}). Synthetic set: {report['settings']['images']} images at "
              f"{report['settings']['synthetic_size']} px, {report['settings']['image_size']}-px crops. "
-             f"Epoch seconds: training and validation of the step's last epoch (history.csv).", "",
+             f"Epoch seconds: training and validation of the step's last epoch (history.csv). GPU util: the mean "
+             f"over the whole command, start-up and validation included, so below what an epoch alone reaches.", "",
              f"**{report['passed']} passed, {report['failed']} failed, {report['skipped']} skipped**", "",
              "| Step | What | Status | Seconds | Epoch s | GPU util % | Message |", "|---|---|---|---:|---:|---:|---|"]
     for r in report["steps"]:

@@ -10,6 +10,7 @@ last; re-running with the same options does nothing, or redoes only images that 
 """
 import contextlib
 import functools
+import hashlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image
 from triplet.data import sources
 from triplet.data.layout import ROOT
 from triplet.data.synthetic import make_synthetic_cub
-from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb
+from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, check_resized_pixels, open_rgb
 from triplet.errors import UserError
 from triplet.fileio import DiskFull, atomic_path, read_csv, read_json_object, write_csv, write_json
 from triplet.machine import process_pool, usable_cores
@@ -69,8 +70,22 @@ def _data_options(options):
 
 
 def prepared_relative_path(path):
-    """Prepared images are JPEGs and named so: ``a.png`` becomes ``a.png.jpg`` (no two sources collide)."""
+    """Prepared images are JPEGs and named so: ``a.png`` becomes ``a.png.jpg``."""
     return path if path.lower().endswith((".jpg", ".jpeg")) else f"{path}.jpg"
+
+
+def prepared_paths(records):
+    """{image_id: path in the prepared images/}, one file per source: a JPEG keeps its name, others
+    gain ``.jpg``, and a name another source already takes (``a.png`` beside a real ``a.png.jpg``,
+    or names that differ only in case, one file on macOS and Windows) gains the image's id."""
+    paths, taken = {}, set()
+    for record in sorted(records, key=lambda r: not r.path.lower().endswith((".jpg", ".jpeg"))):
+        path = prepared_relative_path(record.path)
+        while path.casefold() in taken:
+            path = f"{path}.{record.image_id}.jpg"
+        taken.add(path.casefold())
+        paths[record.image_id] = path
+    return paths
 
 
 def clip_box(bbox, size, source):
@@ -93,10 +108,71 @@ def _prepare_image(source, target, resize, bbox, max_pixels=DEFAULT_MAX_PIXELS):
         image = image.crop(clip_box(bbox, image.size, source))
     scale = resize / min(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    check_resized_pixels(image.size, size, source, max_pixels)
     image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         image.save(tmp, format="JPEG", quality=95)
+
+
+SOURCE_FIELDS = ["path", "source", "size", "mtime_ns"]
+
+
+def source_stamps(dataset):
+    """{image_id: (source file, size, mtime_ns)}: what tells an edited or replaced photo from the
+    one prepared before (a file that cannot be read is stamped as missing; decoding names it)."""
+    stamps = {}
+    for record in dataset.records:
+        source = dataset.files[record.image_id]
+        try:
+            stat = Path(source).stat()
+            stamps[record.image_id] = (str(source), stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            stamps[record.image_id] = (str(source), -1, -1)
+    return stamps
+
+
+def listing_fingerprint(dataset, stamps):
+    """A digest of every image's label, split role and file stamp: a relabelled, moved, replaced or
+    swapped photo changes it even where the count of images stays the same."""
+    digest = hashlib.sha256()
+    fixed = {i: name for name, ids in (dataset.splits or {}).items() for i in ids}
+    for record in dataset.records:
+        digest.update(repr((record.path, record.class_name, record.is_train, fixed.get(record.image_id),
+                            dataset.roles.get(record.image_id), record.bbox, stamps[record.image_id])).encode())
+    return digest.hexdigest()[:16]
+
+
+def split_digest(splits, targets):
+    """A digest of which prepared image is in which split with which class: a run records it, and a
+    resume or an evaluation on a copy whose splits changed is refused (train images now in test)."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        for record in splits[name]:
+            digest.update(f"{name}\t{targets[record.image_id]}\t{record.class_name}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _remove_stale_images(out, stamps, targets):
+    """Delete prepared images whose source changed since they were made (an edited photo, another
+    file under the same name, a name now given to another file), so they are decoded again; the
+    rest are kept."""
+    if not (out / "sources.csv").exists():
+        return
+    now = {(targets[i], source, str(size), str(mtime)) for i, (source, size, mtime) in stamps.items()}
+    for row in read_csv(out / "sources.csv", SOURCE_FIELDS):
+        if (row["path"], row["source"], row["size"], row["mtime_ns"]) not in now:
+            (out / "images" / row["path"]).unlink(missing_ok=True)
+
+
+def _moved_between_splits(out, splits, targets):
+    """Prepared images that a previous preparation put in another split ("images/x.jpg: train -> test")."""
+    before = {}
+    for name in SPLITS:
+        if (out / f"{name}.csv").exists():
+            before.update({row["path"]: name for row in read_csv(out / f"{name}.csv", ["path"])})
+    now = {f"images/{targets[r.image_id]}": name for name in SPLITS for r in splits[name]}
+    return [f"{path}: {before[path]} -> {name}" for path, name in now.items() if before.get(path, name) != name]
 
 
 def missing_images(prepared):
@@ -107,13 +183,19 @@ def missing_images(prepared):
 
 
 def _check_splits(splits, dataset, protocol):
-    """Fail before (and again after) decoding: an empty split, or a class triplets cannot use."""
+    """Fail before (and again after) decoding: an empty split, a split of one class, or a class
+    triplets cannot use (validation may be empty: training then goes without it)."""
     where = dataset.location
-    for name in ("train", "test"):
-        if not splits[name]:
+    more = {"folder": "add photos (a folder per class, two or more photos each)",
+            "manifest": "add rows (two or more per label)"}.get(dataset.kind, "add images")
+    for name in ("train", "val", "test"):
+        if not splits[name] and name != "val":
             raise UserError(f"{where}: the {name} split of --split {protocol} is empty; add images or "
                             f"change --split/--test-fraction")
         counts = Counter(r.class_name for r in splits[name])
+        if splits[name] and len(counts) < 2:
+            raise UserError(f"{where}: the {name} split of --split {protocol} has {len(splits[name])} images in "
+                            f"{len(counts)} class(es); triplets need at least two classes: {more}")
         lonely = sorted(c for c, n in counts.items() if n < 2)
         if lonely:
             example = next(r for r in splits[name] if r.class_name == lonely[0])
@@ -123,8 +205,23 @@ def _check_splits(splits, dataset, protocol):
                             f"triplets need at least two images of a class: add images or remove the class")
 
 
-def _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels=DEFAULT_MAX_PIXELS):
-    """Write every image into ``out/images``; return {image_id: error} of those skipped.
+def _without_one_class_validation(splits, dataset, log=None):
+    """Validation carved (not fixed by a manifest) from a set so small that it holds one class
+    cannot measure triplets (no negative): its images go back to training, and the run trains
+    without validation (its best checkpoint is then its lowest training loss)."""
+    fixed = dataset.splits is not None and dataset.splits.get("val")
+    if fixed or not splits["val"] or len({r.class_id for r in splits["val"]}) > 1:
+        return splits
+    if log:
+        log(f"note: validation would hold {len(splits['val'])} images of one class (--val-fraction carves per "
+            f"class, from classes of 4 or more training images); they stay in training, which runs without "
+            f"validation")
+    return {**splits, "train": splits["train"] + splits["val"], "val": []}
+
+
+def _decode_all(dataset, targets, out, options, workers, skip_bad, log, max_pixels=DEFAULT_MAX_PIXELS):
+    """Write every image into ``out/images`` (``targets``: ``prepared_paths``); return {image_id:
+    error} of those skipped.
 
     ``workers``: decoding processes; -1 one per usable core (at most 8), 0 this process alone.
     """
@@ -133,7 +230,7 @@ def _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels=DEFAUL
     from tqdm import tqdm
     if workers < 0:
         workers = min(8, usable_cores())
-    jobs = {r.image_id: (dataset.files[r.image_id], out / "images" / prepared_relative_path(r.path), options.resize,
+    jobs = {r.image_id: (dataset.files[r.image_id], out / "images" / targets[r.image_id], options.resize,
                          r.bbox if options.crop_bbox else None, max_pixels) for r in dataset.records}
     log(f"preparing {len(jobs)} images into {out} with {workers or 'no extra'} processes")
     bad = {}
@@ -173,7 +270,8 @@ def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, datas
     out = prepared_dir(options)
     marker = out / "prepare.json"
     dataset = dataset or sources.from_cub(options.data_dir)
-    identity = {**dataset.info(), "listed": len(dataset.records)}
+    stamps, targets = source_stamps(dataset), prepared_paths(dataset.records)
+    identity = {**dataset.info(), "listed": len(dataset.records), "fingerprint": listing_fingerprint(dataset, stamps)}
     if dataset.kind in ("folder", "manifest") and dataset.splits is None:
         identity["test_fraction"] = test_fraction
     if marker.exists():
@@ -189,25 +287,36 @@ def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, datas
                 log(f"{out}: already prepared with these options; nothing to do")
                 return out
             log(f"{out}: {len(missing)} prepared image(s) missing (first: {missing[0]}); preparing them again")
+        elif before and before.get("fingerprint") != identity["fingerprint"]:
+            log(f"{out}: {dataset.location} changed since it was prepared (images or labels added, removed, "
+                f"moved or edited); preparing it again")
+        _remove_stale_images(out, stamps, targets)
 
-    def split(records):
-        return sources.make_splits(dataset, records, options.split, test_fraction, options.val_fraction,
-                                   options.split_seed)
+    def split(records, log=None):
+        return _without_one_class_validation(sources.make_splits(
+            dataset, records, options.split, test_fraction, options.val_fraction, options.split_seed), dataset, log)
 
     _check_splits(split(dataset.records), dataset, options.split)
-    bad = _decode_all(dataset, out, options, workers, skip_bad, log, max_pixels)
-    splits = split([r for r in dataset.records if r.image_id not in bad])
+    bad = _decode_all(dataset, targets, out, options, workers, skip_bad, log, max_pixels)
+    splits = split([r for r in dataset.records if r.image_id not in bad], log)
     _check_splits(splits, dataset, options.split)
     if dataset.roles:
         for role in ("query", "gallery"):
             splits[role] = [r for r in splits["test"] if dataset.roles[r.image_id] == role]
+    moved = _moved_between_splits(out, splits, targets)
+    if moved:
+        log(f"note: {len(moved)} image(s) changed split since the last preparation (e.g. {moved[0]}): a run trained "
+            f"on the previous copy may have trained on today's test images; resuming or evaluating such a run "
+            f"is refused: train it again")
     for name, part in splits.items():
-        rows = [{"path": f"images/{prepared_relative_path(r.path)}", "class_id": r.class_id, "class_name": r.class_name,
+        rows = [{"path": f"images/{targets[r.image_id]}", "class_id": r.class_id, "class_name": r.class_name,
                  "image_id": r.image_id} for r in part]
         write_csv(out / f"{name}.csv", rows, MANIFEST_FIELDS)
+    write_csv(out / "sources.csv", [{"path": targets[i], "source": source, "size": size, "mtime_ns": mtime}
+                                    for i, (source, size, mtime) in stamps.items()], SOURCE_FIELDS)
     counts = {name: len(part) for name, part in splits.items()}
     classes = {name: len({r.class_id for r in part}) for name, part in splits.items()}
-    write_json(marker, {"options": _data_options(options), "dataset": identity,
+    write_json(marker, {"options": _data_options(options), "dataset": identity, "splits": split_digest(splits, targets),
                         "protocol": QUERY_GALLERY if dataset.roles else LEAVE_ONE_OUT, "images": counts,
                         "classes": classes, "skip_bad": skip_bad,
                         "skipped": [{"file": str(dataset.files[i]), "error": e} for i, e in bad.items()]})
@@ -265,8 +374,19 @@ def read_prepare_info(prepared):
     marker = Path(prepared) / "prepare.json"
     info = read_json_object(marker) if marker.exists() else {}
     dataset = info.get("dataset") or {"name": "unknown", "kind": "unknown", "source": ""}
-    return {"dataset": {k: dataset.get(k) for k in ("name", "kind", "source")},
+    return {"dataset": {**{k: dataset.get(k) for k in ("name", "kind", "source")}, "splits": info.get("splits")},
             "protocol": info.get("protocol", LEAVE_ONE_OUT)}
+
+
+def check_same_splits(recorded, prepared, run_dir, doing):
+    """Refuse to resume or evaluate a run on a prepared copy whose splits changed after it trained
+    (prepare_data run again on a changed folder): images it trained on may now be test images.
+    ``recorded``: the run's config["dataset"] (runs of before this record carry no digest)."""
+    then, now = (recorded or {}).get("splits"), read_prepare_info(prepared)["dataset"]["splits"]
+    if then and now and then != now:
+        raise UserError(f"{prepared}: its splits changed since {run_dir} trained on it (prepare_data.py ran again "
+                        f"on changed images), so {doing} would mix the two: images it trained on may now be test "
+                        f"images; train it again with --force, or prepare the new images into another --data-dir")
 def read_manifest(prepared, split):
     """Return (absolute image paths, class ids) of one split of a prepared folder, checked."""
     prepared = Path(prepared)

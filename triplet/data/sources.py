@@ -114,6 +114,10 @@ def _manifest_rows(path):
             if missing:
                 raise UserError(f"{path}:1: header {','.join(header) or '(none)'} lacks "
                                 f"{' and '.join(missing)}; expected path,label[,split]")
+            twice = [c for c in ("path", "label", "split") if header.count(c) > 1]  # DictReader keeps the last
+            if twice:
+                raise UserError(f"{path}:1: header {','.join(header)} has the column {twice[0]} twice; "
+                                f"keep one {twice[0]} column")
             reader.fieldnames = header
             return [(reader.line_num, row) for row in reader], "split" in header
     except (OSError, UnicodeDecodeError, csv.Error) as e:
@@ -200,9 +204,9 @@ def make_splits(dataset, records, protocol, test_fraction, val_fraction, seed):
     rng = np.random.default_rng([seed, 1])
     class_ids = sorted({r.class_id for r in records})
     if protocol == "classes":
-        n_test = min(len(class_ids) - 2, max(1, round(len(class_ids) * test_fraction)))
-        if n_test < 1:
-            raise UserError(f"--split classes: needs at least 3 classes (found {len(class_ids)}); use --split official")
+        n_test = min(len(class_ids) - 2, max(2, round(len(class_ids) * test_fraction)))
+        if n_test < 2:  # two to train on, two to test on: a triplet's negative is another class
+            raise UserError(f"--split classes: needs at least 4 classes (found {len(class_ids)}); use --split official")
         test_classes = {int(c) for c in rng.permutation(class_ids)[:n_test]}
         return cub.make_splits(records, "classes", val_fraction, seed, test_classes)
     test_ids = set()

@@ -113,6 +113,17 @@ def _load_npz(path):
         return {}
 
 
+def _cache_fits(cached, model, dim):
+    """Whether a loaded cache is this model's and whole: one float32 row of ``dim`` per listed file. A file
+    that loads but is cut or mixed up is as damaged as one that does not load (then it is rebuilt)."""
+    try:
+        embeddings = cached["embeddings"]
+        return (str(cached["model"]) == model and embeddings.dtype == np.float32 and embeddings.shape[1:] == (dim,)
+                and all(cached[k].shape == (len(embeddings),) for k in ("paths", "sizes", "mtimes", "digests")))
+    except KeyError:
+        return False
+
+
 def _save_npz(path, log, **arrays):
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -165,23 +176,33 @@ def _content_keys(files, rel, previous, log):
     return keys
 
 
+def _saved_index(kind, dim, saved):
+    """The saved index and the name of each of its rows, or (None, []) when there is none of this kind or it
+    is damaged: bytes faiss cannot read, vectors of another size, a row count that is not its list's."""
+    if not saved or str(saved.get("kind")) != kind:
+        return None, []
+    try:
+        index, names = index_from_bytes(kind, saved["index"], dim), [str(d) for d in saved["names"]]
+    except (KeyError, ValueError, RuntimeError):  # faiss raises RuntimeError on bytes it cannot read
+        return None, []
+    return (index, names) if len(index) == len(names) else (None, [])
+
+
 def _update_index(kind, dim, saved, names, embeddings, log):
     """Reuse the saved index when it covers a subset of today's files, adding only the new ones.
 
     ``names`` (path and content digest of each image) identify index rows: a removed or changed
     file means a rebuild, since HNSW cannot delete; an added one is only appended.
     """
-    if saved and str(saved["kind"]) == kind:
-        old = [str(d) for d in saved["names"]]
-        position = {d: i for i, d in enumerate(names)}
-        if all(d in position for d in old):
-            index = index_from_bytes(kind, saved["index"], dim)
-            rows = [position[d] for d in old]
-            new = sorted(set(range(len(names))) - set(rows))
-            if new:
-                log(f"adding {len(new)} images to the saved {kind} index of {len(rows)}")
-                index.add(embeddings[new])
-            return index, np.array(rows + new, np.int64), bool(new)
+    index, old = _saved_index(kind, dim, saved)
+    position = {d: i for i, d in enumerate(names)}
+    if index is not None and all(d in position for d in old):
+        rows = [position[d] for d in old]
+        new = sorted(set(range(len(names))) - set(rows))
+        if new:
+            log(f"adding {len(new)} images to the saved {kind} index of {len(rows)}")
+            index.add(embeddings[new])
+        return index, np.array(rows + new, np.int64), bool(new)
     if len(names) >= 10_000:
         log(f"building a {kind} index of {len(names)} images")
     return build_index(kind, embeddings), np.arange(len(names), dtype=np.int64), True
@@ -206,7 +227,7 @@ def load_gallery(embedder, folder, cache_dir=None, index_kind="exact", batch_siz
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     cache_path = cache_dir / f"{stem}.npz"
     cached = _load_npz(cache_path) if use_cache else {}
-    if cached and str(cached.get("model")) != model:
+    if cached and not _cache_fits(cached, model, embedder.embedding_dim):
         cached = {}
     keys = _content_keys(files, rel, cached, log)
     digests = [k[2] for k in keys]

@@ -179,8 +179,10 @@ class FaissIndex:
 
     @classmethod
     def from_bytes(cls, kind, data, dim):
-        faiss = _faiss()
-        return cls(kind, dim, faiss.deserialize_index(np.asarray(data, np.uint8)))
+        index = _faiss().deserialize_index(np.asarray(data, np.uint8))
+        if index.d != dim:
+            raise ValueError(f"a saved index of {index.d}-d vectors, not {dim}-d")
+        return cls(kind, dim, index)
 
 
 def new_index(kind, dim):

@@ -22,6 +22,7 @@ from triplet.deploy.preprocess import DEFAULT_MAX_PIXELS, open_rgb, preprocess
 
 FORMAT = "triplet-embedding-onnx/1"
 REQUIRED_METADATA = ("backbone", "embedding_dim", "image_size", "resize_size", "mean", "std")
+MAX_RESIZE_SIZE = int(DEFAULT_MAX_PIXELS ** 0.5)  # 8000: a square resized to it is the --max-pixels default
 
 
 def encode_metadata(metadata):
@@ -29,19 +30,26 @@ def encode_metadata(metadata):
     return {"format": FORMAT, **{k: json.dumps(v) for k, v in metadata.items() if k != "format"}}
 
 
-def decode_metadata(props, source):
-    """The inverse of ``encode_metadata``; a model exported by anything else is refused by name."""
+def decode_metadata(props, source, input_shape=None, output_shape=None):
+    """The inverse of ``encode_metadata``; a model exported by anything else is refused by name, and metadata
+    that disagrees with the graph's shapes as onnxruntime infers them (``session.get_inputs()[0].shape``...)
+    as damaged, here rather than as a shape error deep in onnxruntime or NumPy."""
     if props.get("format") != FORMAT or any(k not in props for k in REQUIRED_METADATA):
         raise UserError(f"{source}: has no triplet metadata (backbone, image size, mean, std...); "
                         f"export it with scripts/export_onnx.py")
     try:
         metadata = {"format": FORMAT, **{k: json.loads(v) for k, v in props.items() if k != "format"}}
     except json.JSONDecodeError as e:
-        raise UserError(f"{source}: damaged triplet metadata ({e})") from e
-    problem = _metadata_problem(metadata)
+        raise damaged_metadata(source, e) from e
+    problem = _metadata_problem(metadata) or _graph_problem(metadata, input_shape, output_shape)
     if problem:
-        raise UserError(f"{source}: damaged triplet metadata ({problem}); export it again with scripts/export_onnx.py")
+        raise damaged_metadata(source, problem)
     return metadata
+
+
+def damaged_metadata(source, problem):
+    """The one error for metadata that cannot be trusted: only a fresh export repairs it."""
+    return UserError(f"{source}: damaged triplet metadata ({problem}); export it again with scripts/export_onnx.py")
 
 
 def _metadata_problem(metadata):
@@ -50,6 +58,12 @@ def _metadata_problem(metadata):
         value = metadata[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"{key} {value!r} is not a positive integer"
+    for key in ("image_size", "resize_size"):  # beyond it, resizing one photo is the decompression bomb
+        if metadata[key] > MAX_RESIZE_SIZE:
+            return f"{key} {metadata[key]} is over {MAX_RESIZE_SIZE} pixels"
+    if metadata["resize_size"] < metadata["image_size"]:
+        return (f"resize_size {metadata['resize_size']} is smaller than image_size {metadata['image_size']}, "
+                f"the crop taken from the resized image")
     for key in ("mean", "std"):
         value = metadata[key]
         if (not isinstance(value, list) or len(value) != 3
@@ -59,6 +73,17 @@ def _metadata_problem(metadata):
         return f"std {metadata['std']!r} has a value <= 0"
     if not isinstance(metadata["backbone"], str):
         return f"backbone {metadata['backbone']!r} is not a name"
+    return None
+
+
+def _graph_problem(metadata, input_shape, output_shape):
+    """Where the metadata disagrees with the graph's static dims (N x 3 x S x S in, N x D out), or None;
+    a dynamic dim (a name, or None) agrees with anything."""
+    size, dim = metadata["image_size"], metadata["embedding_dim"]
+    if input_shape and any(isinstance(d, int) and d != size for d in input_shape[2:]):
+        return f"image_size {size}, but the model's input is {' x '.join(map(str, input_shape))}"
+    if output_shape and isinstance(output_shape[-1], int) and output_shape[-1] != dim:
+        return f"embedding_dim {dim}, but the model's output is {' x '.join(map(str, output_shape))}"
     return None
 
 
@@ -78,7 +103,8 @@ class OnnxEmbedder:
                                                 providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own pybind exception types
             raise UserError(f"{self.path}: not a loadable ONNX model ({first_line(e)})") from e
-        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
+        self.metadata = decode_metadata(self.session.get_modelmeta().custom_metadata_map, self.path,
+                                        self.session.get_inputs()[0].shape, self.session.get_outputs()[0].shape)
         self.input_name = self.session.get_inputs()[0].name
         self.image_size = int(self.metadata["image_size"])
         self.resize_size = int(self.metadata["resize_size"])

@@ -41,6 +41,15 @@ def check_pixels(size, source, max_pixels=DEFAULT_MAX_PIXELS):
                         f"{_pixels(max_pixels)}; shrink the image, or raise --max-pixels if you trust it")
 
 
+def check_resized_pixels(size, resized, source, max_pixels=DEFAULT_MAX_PIXELS):
+    """Refuse an image that only its resize makes huge: a 3000x1 strip passes ``check_pixels`` and
+    becomes 768000x256 at short side 256 (a 60000x1 one, 4 gigapixels)."""
+    if max_pixels and resized[0] * resized[1] > max_pixels:
+        raise UserError(f"{source}: {size[0]}x{size[1]} pixels is too long and thin: at short side "
+                        f"{min(resized)} it would be {resized[0]}x{resized[1]} ({_pixels(resized[0] * resized[1])}, "
+                        f"over the limit of {_pixels(max_pixels)}); crop it or remove it")
+
+
 def to_8bit(image):
     """A 16-bit (or 32-bit integer) greyscale image scaled to 8 bits, not clipped to white by Pillow."""
     if image.mode not in HIGH_BIT_DEPTH:
@@ -85,6 +94,7 @@ def preprocess(image, image_size, resize_size=None, mean=IMAGENET_MEAN, std=IMAG
         size = (resize_size, int(resize_size * height / width))
     else:
         size = (int(resize_size * width / height), resize_size)
+    check_resized_pixels(image.size, size, "image")
     image = image.resize(size, Image.Resampling.BILINEAR)
     left = int(round((size[0] - image_size) / 2.0))
     top = int(round((size[1] - image_size) / 2.0))

@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from triplet.deploy.neighbours import top_k
@@ -79,7 +80,11 @@ async def read_upload(request, max_bytes):
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         async def replay():
             return {"type": "http.request", "body": bytes(body), "more_body": False}
-        form = await Request(request.scope, replay).form()
+        try:
+            form = await Request(request.scope, replay).form()
+        except HTTPException as e:  # Starlette's word for a malformed form
+            raise ApiError(400, f"upload: not a readable multipart form ({e.detail}); send the file as the "
+                                f"field 'image', or as the raw body") from e
         upload = form.get("image") or next((v for v in form.values() if hasattr(v, "read")), None)
         if upload is None or not hasattr(upload, "read"):
             raise ApiError(400, "upload: no file in the form; send it as the field 'image'")
@@ -199,9 +204,17 @@ def create_app(embedder, gallery, browse=None, top_k_default=8, max_upload_bytes
     async def api_error(request, error):
         return JSONResponse({"error": str(error)}, status_code=error.status)
 
+    async def http_error(request, error):
+        """Starlette's own errors (no such route, e.g. a negative id; a wrong method): JSON under /api/
+        like every other API error, plain text for the page's files as Starlette gives them."""
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": f"{request.url.path}: {error.detail}"}, status_code=error.status_code,
+                                headers=error.headers)
+        return PlainTextResponse(error.detail, status_code=error.status_code, headers=error.headers)
+
     routes = [Route("/", page), Route("/api/health", health), Route("/api/info", api_info),
               Route("/api/search", search, methods=["POST"]),
               Route("/api/gallery/{id:int}/neighbours", gallery_neighbours),
               Route("/gallery/{id:int}", gallery_image), Route("/api/browse", browse_list),
               Route("/api/browse/{id:int}", browse_query), Route("/browse/image/{id:int}", browse_image)]
-    return Starlette(routes=routes, exception_handlers={ApiError: api_error})
+    return Starlette(routes=routes, exception_handlers={ApiError: api_error, HTTPException: http_error})

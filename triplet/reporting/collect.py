@@ -5,6 +5,7 @@ metrics.json or config.json (or, for runs older than those fields, from the prep
 options point to); the study's numbers apply only to matching CUB runs (``study.matching_experiment``);
 an untrained baseline only to runs tested on the same images at the same size.
 """
+import math
 from pathlib import Path
 
 from triplet.data.prepare import prepared_dir, read_prepare_info, run_data_options
@@ -46,6 +47,16 @@ def is_stale(run_dir):
     return last.exists() and metrics.stat().st_mtime_ns < last.stat().st_mtime_ns
 
 
+def finite(metrics, path, log):
+    """``metrics`` without NaN or ±Infinity (JSON allows them): such a value measures nothing, so it
+    is shown and ranked as missing; a NaN Precision@1 would otherwise sort as the best run."""
+    odd = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if odd:
+        log(f"warning: {path}: {', '.join(f'{k} is {metrics[k]!r}' for k in odd)}, not a real number; "
+            f"shown as missing; re-run scripts/evaluate.py")
+    return {k: v for k, v in metrics.items() if k not in odd}
+
+
 def load_runs(results_dir, log=print, numeric=NUMERIC_METRICS):
     """Every folder under ``results_dir`` with a metrics.json, as dicts; unreadable ones skipped.
 
@@ -55,10 +66,11 @@ def load_runs(results_dir, log=print, numeric=NUMERIC_METRICS):
         try:
             config = read_config(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
             untrained = run_dir / "metrics_untrained.json"
-            untrained = read_metrics(untrained, numeric) if untrained.exists() else None
+            untrained = finite(read_metrics(untrained, numeric), untrained, log) if untrained.exists() else None
         except UserError as e:
             log(f"warning: skipping {run_dir}: {e}")
             continue
+        metrics = finite(metrics, run_dir / "metrics.json", log)
         options = config.get("options", {})
         dataset = run_dataset(metrics, config, options)
         baseline = metrics.get("checkpoint") == "none"

@@ -223,7 +223,8 @@ def plot_run(run_dir, method="tsne", max_points=0, seed=0, highlight=12, queries
     name, names = run_dir.resolve().name, class_names(labels, paths)
     config = read_config(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
     metrics = read_metrics(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
-    p1 = f", test P@1 {metrics['precision_at_1']:.1f}%" if "precision_at_1" in metrics else ""
+    p1 = metrics.get("precision_at_1")  # null, NaN or Infinity: no Precision@1 in the titles
+    p1 = f", test P@1 {p1:.1f}%" if p1 is not None and math.isfinite(p1) else ""
     keep = np.arange(len(labels))
     if max_points and len(keep) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(keep), max_points, replace=False))

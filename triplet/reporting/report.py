@@ -100,9 +100,10 @@ def test_images(metrics):
 
 
 def ranking(runs):
-    """One dataset's runs ranked by test Precision@1; the best trained run is marked."""
+    """One dataset's runs ranked by test Precision@1; the best trained run is marked (never one
+    without a Precision@1: ``collect.finite`` drops a NaN one)."""
     ranked = sorted(runs, key=lambda r: -r["metrics"].get("precision_at_1", float("-inf")))
-    trained = [r for r in ranked if not r["baseline"]]
+    trained = [r for r in ranked if not r["baseline"] and r["metrics"].get("precision_at_1") is not None]
     best = trained[0] if trained else None
     lines = ["| Rank | Run | Dataset | Classes | Image size | Backbone | Epochs | LR | Batch | Mining | Test images | "
              "Test P@1 | P@5 | P@10 | MAP@R | Triplet acc. | Study P@1 |", "|" + "---|" * 17]
