@@ -86,6 +86,16 @@ def test_timed_batches_times_only_the_steps_after_warmup():
     assert len(seconds) == 1 and seconds[0] >= 0
 
 
+def test_on_cuda_the_memory_peak_is_the_timed_steps_own(monkeypatch):
+    """Reset where the clock starts: the warm-up's cuDNN autotuning workspaces are not the steps' peak."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: events.append("reset"))
+    for batch in timed_batches(range(10), warmup=2, steps=3, device=torch.device("cuda", 0), seconds=[]):
+        events.append(batch)
+    assert events == [0, 1, "sync", "reset", 2, 3, 4, "sync"]
+
+
 class Loader:
     """Stands in for a DataLoader whose 2 workers hold 3 batches each ahead."""
     num_workers, prefetch_factor = 2, 3

@@ -137,7 +137,8 @@ def timed_batches(loader, warmup, steps, device, seconds):
     After the warm-up, the batches the workers loaded ahead are drained (taken, not yielded), so
     the timed steps wait for data as they would in the middle of an epoch instead of starting on
     a full queue. The clock starts when the consumer asks for the first timed batch and stops
-    when it asks for one more after the last, so it covers whole steps, waiting for data included.
+    when it asks for one more after the last, so it covers whole steps, waiting for data included;
+    on CUDA the memory peak is reset there too, so it is the timed steps' own.
     The loader must hold ``warmup + prefetched(loader) + steps`` batches.
     """
     needed = warmup + prefetched(loader) + steps
@@ -150,6 +151,8 @@ def timed_batches(loader, warmup, steps, device, seconds):
             for _ in range(prefetched(loader)):
                 next(batches)
             synchronize(device)
+            if device.type == "cuda":  # the timed steps' own peak, not the warm-up's autotuning workspaces
+                torch.cuda.reset_peak_memory_stats(device)
             start = time.perf_counter()
         yield next(batches)
     synchronize(device)
