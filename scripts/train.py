@@ -19,7 +19,8 @@ from pathlib import Path
 from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
 from triplet.cli import check, plural, run
-from triplet.data.prepare import DataOptions, check_same_splits, prepared_dir, read_manifest, read_prepare_info
+from triplet.data.prepare import (DataOptions, check_same_splits, prepared_dir, read_manifest, read_prepare_info,
+                                  training_digests)
 from triplet.deploy.preprocess import resize_size_for
 from triplet.errors import UserError
 from triplet.machine import allocator_tip
@@ -167,6 +168,8 @@ def main(opts):
     resume_from = decision[1]
 
     prepared = prepared_dir(opts)
+    if resume_from and (run_dir / "config.json").exists():  # before anything is built: --gpu-cache would decode the whole training split first
+        check_same_splits(runs.read_config(run_dir / "config.json").get("dataset"), prepared, run_dir, "resuming it")
     train_paths, train_labels = read_manifest(prepared, "train")
     val_paths, val_labels = read_manifest(prepared, "val")
     check_triplet_ready(train_labels, f"training split of {prepared}")
@@ -186,7 +189,6 @@ def main(opts):
     optimizer = prepare_training(model, device, opts.lr, opts.weight_decay, checkpoint, resume_from, scaler)
     start_epoch, best_metric, history = 0, float("-inf"), []
     if checkpoint:
-        check_same_splits((checkpoint.get("config") or {}).get("dataset"), prepared, run_dir, "resuming it")
         start_epoch, best_metric = checkpoint["epoch"] + 1, checkpoint["best_metric"]
         history = [row for row in checkpoint.get("history", []) if row["epoch"] <= start_epoch]
     if start_epoch >= opts.epochs:
@@ -204,7 +206,7 @@ def main(opts):
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if opts.compile:
         net = runtime.compile_model(net, device)
-    config["dataset"] = read_prepare_info(prepared)["dataset"]
+    config["dataset"] = {**read_prepare_info(prepared)["dataset"], "splits": training_digests(prepared)}
     if dist.is_main():  # the first write: everything above was checked, so --force replaces only now
         if opts.force:
             runs.set_aside_old_run(run_dir, log)

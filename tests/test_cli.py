@@ -96,6 +96,9 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.25 GiB. GPU 0 has a total c
     ("cpu-oom", "DefaultCPUAllocator: can't allocate memory"),
     (RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
                   "workers are out of shared memory. Please try to raise your shared memory limit."), "--shm-size"),
+    (RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. "), "for want of host memory"),
+    (RuntimeError("unable to open shared memory object </torch_1_2> in read-write mode: Too many open files (24)"),
+     "ulimit -n"),
 ])
 def test_running_short_of_memory_or_determinism_is_one_line_naming_the_option(failure, says, capsys):
     import torch
@@ -111,28 +114,46 @@ def test_running_short_of_memory_or_determinism_is_one_line_naming_the_option(fa
     assert status == 2 and err.count("\n") == 1 and says in err and "Traceback" not in err
 
 
-class _WorkerKilledByBusError:
-    """A dataset whose worker dies as one does when /dev/shm is full (a container's 64 MB)."""
+# A fresh, single-threaded process: there a fork is safe, and torch's SIGCHLD handler (the worker is
+# its child) reports the signal, as in a training run.
+WORKER_DIES = """
+import os, signal, sys
+from dataclasses import dataclass
+from torch.utils.data import DataLoader
+from triplet.cli import run
 
+class Dies:
     def __len__(self):
         return 2
 
     def __getitem__(self, index):
-        import os
-        import signal
-        os.kill(os.getpid(), signal.SIGBUS)
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+
+@dataclass
+class NoOptions:
+    pass
+
+run(lambda opts: list(DataLoader(Dies(), num_workers=1, multiprocessing_context="fork")), NoOptions, argv=[])
+"""
 
 
-@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGBUS"), reason="SIGBUS is POSIX")
-def test_a_loader_worker_out_of_shared_memory_says_how_to_give_it_more(capsys):
-    """The worker prints torch's "bus error ... insufficient shared memory" itself; the main process,
-    which did not start it (a forkserver did), sees only that it exited."""
-    from torch.utils.data import DataLoader
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGBUS"), reason="POSIX signals")
+@pytest.mark.parametrize("signal_name, status, says", [
+    ("SIGBUS", 2, "ran out of shared memory (DataLoader worker (pid"),  # a full /dev/shm ends a worker so
+    ("SIGSEGV", 1, "Traceback"),  # a crash is a bug, not a full /dev/shm
+])
+def test_a_loader_worker_out_of_shared_memory_says_how_to_give_it_more(signal_name, status, says):
+    result = subprocess.run([sys.executable, "-c", WORKER_DIES, signal_name], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == status and says in (last if status == 2 else result.stderr), result.stderr
+    if status == 2:
+        assert "--shm-size" in last and "--workers" in last
 
-    status, err = finish_with(lambda: list(DataLoader(_WorkerKilledByBusError(), num_workers=1)), capsys)
-    assert status == 2 and err.count("\n") == 1 and "--shm-size" in err and "--workers" in err
 
-
-def test_other_runtime_errors_are_bugs_and_keep_their_traceback(capsys):
+@pytest.mark.parametrize("text", ["mat1 and mat2 shapes cannot be multiplied (4x512 and 256x128)",
+                                  "DataLoader worker (pid(s) 7) exited unexpectedly",
+                                  "DataLoader worker (pid 7) is killed by signal: Segmentation fault. "])
+def test_other_runtime_errors_are_bugs_and_keep_their_traceback(text, capsys):
     with pytest.raises(RuntimeError):
-        finish(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x512 and 256x128)"), capsys)
+        finish(RuntimeError(text), capsys)

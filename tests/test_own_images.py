@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import call_script
 from triplet.data import sources
-from triplet.data.prepare import DataOptions, prepare, read_manifest, read_prepare_info
+from triplet.data.prepare import DataOptions, prepare, read_manifest, read_prepare_info, training_digests
 from triplet.data.synthetic import render
 from triplet.errors import UserError
 from triplet.fileio import read_json
@@ -249,7 +249,7 @@ def test_the_whole_chain_from_a_photo_folder(tmp_path, monkeypatch):
         status, outputs[name] = call_script(name, *args)
         assert status == 0, f"{name}: {outputs[name]}"
     run = tmp_path / "results" / "photos-resnet18"
-    splits = read_json(tmp_path / "data" / "photos" / "prepared" / "official-r40-val0.1-seed0" / "prepare.json")["splits"]
+    splits = training_digests(tmp_path / "data" / "photos" / "prepared" / "official-r40-val0.1-seed0")
     assert read_json(run / "config.json")["dataset"] | {"source": ""} == {"name": "photos", "kind": "folder", "source": "",
                                                                          "splits": splits}
     metrics = read_json(run / "metrics.json")

@@ -9,7 +9,7 @@ from PIL import Image
 from tests.conftest import call_script
 from tests.test_own_images import quiet, write_manifest
 from triplet.data import sources
-from triplet.data.prepare import DataOptions, check_same_splits, prepare, read_manifest
+from triplet.data.prepare import DataOptions, check_same_splits, prepare, read_manifest, training_digests
 from triplet.deploy.preprocess import preprocess
 from triplet.errors import UserError
 from triplet.fileio import read_json
@@ -124,7 +124,95 @@ def test_a_run_is_not_resumed_or_evaluated_across_a_change_of_splits(tmp_path):
     assert status == 0 and "changed split since the last preparation" in output
     for command in (train + ["--resume"], ["evaluate", "--run", tmp_path / "run", "--workers", 0]):
         status, output = call_script(*command)
-        assert status == 2 and "its splits changed since" in output and "train it again" in output, output
+        assert status == 2 and "split is not the one" in output and "train it again" in output, output
     prepared = tmp_path / "data" / "prepared" / "official-r32-val0.1-seed0"
-    check_same_splits({"splits": read_json(prepared / "prepare.json")["splits"]}, prepared, "run", "resuming it")
+    check_same_splits({"splits": training_digests(prepared)}, prepared, "run", "resuming it")
     check_same_splits({}, prepared, "run", "resuming it")  # a run of before the record: not checked
+
+
+def test_test_rows_added_alone_leave_the_run_valid(tmp_path):
+    """New test rows cannot hold an image the run trained on: evaluation goes on (only train and
+    val are compared), where a digest of every split refused it."""
+    make_classes(tmp_path / "photos", a=8, b=8, c=8)
+    rows = [(f"photos/{c}/{i}.jpg", c, "test" if i >= 5 else "train") for c in "abc" for i in range(7)]
+    csv_path = write_manifest(tmp_path / "set.csv", rows)
+    data = ["--data-dir", tmp_path / "data", "--resize", 32, "--val-fraction", 0]
+    assert call_script("prepare_data", "--manifest", csv_path, *data, "--workers", 0)[0] == 0
+    prepared = tmp_path / "data" / "prepared" / "official-r32-val0-seed0"
+    recorded = {"splits": training_digests(prepared)}
+    write_manifest(csv_path, rows + [(f"photos/{c}/7.jpg", c, "test") for c in "abc"])
+    assert call_script("prepare_data", "--manifest", csv_path, *data, "--workers", 0)[0] == 0
+    assert len(read_manifest(prepared, "test")[0]) == 9
+    check_same_splits(recorded, prepared, "run", "evaluating it")
+    write_manifest(csv_path, rows[1:])  # a training row gone: the run's data is not this copy's
+    assert call_script("prepare_data", "--manifest", csv_path, *data, "--workers", 0)[0] == 0
+    with pytest.raises(UserError, match="its train split is not the one run trained on"):
+        check_same_splits(recorded, prepared, "run", "evaluating it")
+
+
+def test_a_copy_prepared_by_an_earlier_version_is_recorded_not_redone(tmp_path):
+    """Copies of before the fingerprint have no sources.csv: their images are kept, their sources
+    recorded once, and the run after that has nothing to do."""
+    from triplet.fileio import write_json
+
+    folder = make_classes(tmp_path / "photos", a=5, b=5)
+    prepared = prepare_photos(folder, tmp_path / "data")
+    info = read_json(prepared / "prepare.json")
+    del info["dataset"]["fingerprint"]
+    write_json(prepared / "prepare.json", info)
+    (prepared / "sources.csv").unlink()
+    images = {p: p.stat().st_mtime_ns for p in (prepared / "images").rglob("*.jpg")}
+    notes = []
+    prepare_photos(folder, tmp_path / "data", log=notes.append)
+    assert any("prepared by an earlier version" in n for n in notes) and not any("changed since" in n for n in notes)
+    assert {p: p.stat().st_mtime_ns for p in (prepared / "images").rglob("*.jpg")} == images
+    notes.clear()
+    prepare_photos(folder, tmp_path / "data", log=notes.append)
+    assert notes == [f"{prepared}: already prepared with these options; nothing to do"]
+
+
+def test_the_same_folder_spelled_another_way_is_not_prepared_again(tmp_path, monkeypatch):
+    """The stamps held the path as typed: --data-dir d, then $PWD/d, re-decoded every image."""
+    folder = make_classes(tmp_path / "photos", a=5, b=5)
+    prepared = prepare_photos(folder, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    notes = []
+    prepare(DataOptions(data_dir="data", resize=32), workers=0, log=notes.append,
+            dataset=sources.from_image_folder("photos", log=quiet), test_fraction=0.2)
+    assert notes == [f"{prepared.relative_to(tmp_path)}: already prepared with these options; nothing to do"]
+
+
+def test_an_edited_crop_box_is_cropped_again(tmp_path):
+    """--crop-bbox: the fingerprint saw the new box, but the stamps did not, so the old crop stayed."""
+    from triplet.data.synthetic import make_synthetic_cub
+
+    make_synthetic_cub(tmp_path, classes=2, per_class=4, image_size=64, processes=0)
+    options = DataOptions(data_dir=str(tmp_path), resize=32, crop_bbox=True)
+    prepared = prepare(options, workers=0, log=quiet)
+    boxes = tmp_path / "CUB_200_2011" / "bounding_boxes.txt"
+    lines = boxes.read_text().splitlines()
+    boxes.write_text("\n".join(["1 0.0 0.0 8.0 16.0", *lines[1:]]) + "\n")
+    prepare(options, workers=0, log=quiet)
+    first = read_manifest(prepared, "train")[0] + read_manifest(prepared, "test")[0]
+    first = next(p for p in first if p.endswith("_1.jpg"))
+    assert Image.open(first).size == (32, 64)
+
+
+def test_an_earlier_versions_collided_file_is_decoded_again(tmp_path):
+    """An earlier version wrote a.png and a real a.png.jpg to the same file; on its copy (no
+    sources.csv) the file at that name is redone, so the real a.png.jpg is what it holds."""
+    from triplet.fileio import write_json
+
+    folder = make_classes(tmp_path / "photos", a=4, b=4)
+    Image.new("RGB", (40, 30), (255, 255, 255)).save(folder / "a" / "x.png")
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(folder / "a" / "x.png.jpg")
+    prepared = prepare_photos(folder, tmp_path / "data", val_fraction=0)
+    renamed = next((prepared / "images" / "a").glob("x.png.jpg.*.jpg"))
+    os.replace(renamed, prepared / "images" / "a" / "x.png.jpg")  # the old layout: the PNG's pixels, one file
+    (prepared / "sources.csv").unlink()
+    info = read_json(prepared / "prepare.json")
+    del info["dataset"]["fingerprint"]
+    write_json(prepared / "prepare.json", info)
+    prepare_photos(folder, tmp_path / "data", val_fraction=0)
+    assert np.asarray(Image.open(prepared / "images" / "a" / "x.png.jpg")).max() < 50
+    assert np.asarray(Image.open(renamed)).min() > 200

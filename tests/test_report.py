@@ -201,3 +201,5 @@ def test_runs_with_a_null_or_nan_precision_rank_last_without_a_traceback(tmp_pat
         (tmp_path / name / "metrics.json").write_text(f'{{"precision_at_1": {value}}}')
     ranked = [run_dir.name for run_dir, _ in find_runs(tmp_path, log=lambda *a: None)]
     assert ranked[0] == "c-real" and sorted(ranked) == ["a-nan", "b-null", "c-real", "d-inf"]
+    text, count = report.build_report(tmp_path, log=lambda *a: None)  # sorted again there: null raised TypeError
+    assert count == 4 and "c-real" in text

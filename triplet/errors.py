@@ -45,13 +45,22 @@ def resource_error_message(error):
     any other error): memory on the GPU or the host, shared memory for loader workers (a
     container's 64 MB /dev/shm), an operation with no deterministic implementation on this device
     (--deterministic). The option that fixes it is in the line; a bug keeps its traceback."""
-    text = first_line(error)
-    if "shared memory" in str(error) or text.startswith("DataLoader worker"):
-        # the worker's death as torch reports it: "(pid 7) is killed by signal: Bus error. It is possible that
-        # dataloader's workers are out of shared memory" where the worker is our child, else "exited unexpectedly"
-        return ("a DataLoader worker died: a bus error is a full /dev/shm (in a container give it more: docker "
-                "run --shm-size 8g, or --ipc=host), a kill the host's memory; or pass fewer --workers "
-                "(0 loads in the main process)")
+    causes = [error]
+    while causes[-1].__cause__ is not None and len(causes) < 10:  # "exited unexpectedly" from "killed by signal: ..."
+        causes.append(causes[-1].__cause__)
+    worker_deaths = [first_line(e) for e in causes if first_line(e).startswith("DataLoader worker (pid ")]
+    text = worker_deaths[0] if worker_deaths else first_line(error)
+    # a loader worker's death as torch reports it where the worker is this process's child; any other death
+    # (a segmentation fault, an exit code) is a bug and keeps its traceback
+    if text.startswith("DataLoader worker") and ("Bus error" in text or "shared memory" in text):
+        return (f"a DataLoader worker ran out of shared memory ({_sentences(text, 1)}); in a container give it more "
+                f"(docker run --shm-size 8g, or --ipc=host), or pass fewer --workers (0 loads in the main process)")
+    if text.startswith("DataLoader worker") and "signal: Killed" in text:
+        return (f"{_sentences(text, 1)}: most often the kernel, for want of host memory; pass fewer --workers "
+                f"(0 loads in the main process) or a smaller --batch-size")
+    if "Too many open files" in text:  # shared-memory handles of many workers' batches
+        return (f"out of file descriptors ({_sentences(text, 1)[:200]}); raise the limit (ulimit -n 65536) or pass "
+                f"fewer --workers")
     if "does not have a deterministic implementation" in text:
         operation = text.split(" does not have", 1)[0]
         return (f"--deterministic: {operation} has no deterministic implementation on this device in this torch; "

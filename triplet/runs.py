@@ -259,10 +259,10 @@ def find_runs(results_dir="results", log=print, numeric=NUMERIC_METRICS):
             runs.append((metrics_path.parent, read_metrics(metrics_path, numeric)))
         except UserError as e:
             log(f"warning: skipping {metrics_path.parent}: {e}")
-    return sorted(runs, key=lambda r: -_ranked_precision(r[1]))
+    return sorted(runs, key=lambda r: -ranked_precision(r[1]))
 
 
-def _ranked_precision(metrics):
+def ranked_precision(metrics):
     """Test Precision@1 for ranking runs; a missing, null, NaN or infinite one ranks last (an
     evaluation that diverged writes NaN, and json allows it)."""
     value = metrics.get("precision_at_1")

@@ -11,6 +11,7 @@ last; re-running with the same options does nothing, or redoes only images that 
 import contextlib
 import functools
 import hashlib
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,20 +116,23 @@ def _prepare_image(source, target, resize, bbox, max_pixels=DEFAULT_MAX_PIXELS):
         image.save(tmp, format="JPEG", quality=95)
 
 
-SOURCE_FIELDS = ["path", "source", "size", "mtime_ns"]
+SOURCE_FIELDS = ["path", "source", "size", "mtime_ns", "bbox"]
 
 
-def source_stamps(dataset):
-    """{image_id: (source file, size, mtime_ns)}: what tells an edited or replaced photo from the
-    one prepared before (a file that cannot be read is stamped as missing; decoding names it)."""
+def source_stamps(dataset, crop_bbox=False):
+    """{image_id: (absolute source file, size, mtime_ns, crop box)}: what tells an edited or replaced
+    photo (or, with --crop-bbox, an edited box) from the one prepared before. Absolute, so
+    ``--data-dir d`` and ``--data-dir $PWD/d`` name the same file; a file that cannot be read is
+    stamped as missing (decoding names it)."""
     stamps = {}
     for record in dataset.records:
-        source = dataset.files[record.image_id]
+        source = os.path.abspath(dataset.files[record.image_id])
         try:
-            stat = Path(source).stat()
-            stamps[record.image_id] = (str(source), stat.st_size, stat.st_mtime_ns)
+            stat = os.stat(source)
+            size, mtime = stat.st_size, stat.st_mtime_ns
         except OSError:
-            stamps[record.image_id] = (str(source), -1, -1)
+            size, mtime = -1, -1
+        stamps[record.image_id] = (source, size, mtime, repr(record.bbox) if crop_bbox else "")
     return stamps
 
 
@@ -143,26 +147,41 @@ def listing_fingerprint(dataset, stamps):
     return digest.hexdigest()[:16]
 
 
-def split_digest(splits, targets):
-    """A digest of which prepared image is in which split with which class: a run records it, and a
-    resume or an evaluation on a copy whose splits changed is refused (train images now in test)."""
-    digest = hashlib.sha256()
-    for name in sorted(splits):
-        for record in splits[name]:
-            digest.update(f"{name}\t{targets[record.image_id]}\t{record.class_name}\n".encode())
-    return digest.hexdigest()[:16]
+def training_digests(prepared):
+    """{"train": digest, "val": digest} of a prepared folder's manifests as they are on disk (each
+    image's path and class): a run records them, and a resume or an evaluation where they changed
+    is refused. Only these two: a test split that changed alone cannot hold an image the run saw."""
+    digests = {}
+    for name in ("train", "val"):
+        digest = hashlib.sha256()
+        path = Path(prepared) / f"{name}.csv"
+        for row in read_csv(path, MANIFEST_FIELDS[:3]) if path.exists() else []:
+            digest.update(f"{row['path']}\t{row['class_name']}\n".encode())
+        digests[name] = digest.hexdigest()[:16]
+    return digests
 
 
-def _remove_stale_images(out, stamps, targets):
-    """Delete prepared images whose source changed since they were made (an edited photo, another
-    file under the same name, a name now given to another file), so they are decoded again; the
-    rest are kept."""
-    if not (out / "sources.csv").exists():
+def _remove_stale_images(out, records, stamps, targets):
+    """Delete prepared images whose source changed since they were made (an edited photo or crop box,
+    another file under the same name, a name now given to another file), so they are decoded again.
+    A copy of before sources.csv has only its files' times: an image older than its source is
+    redone, and so is the file at the plain name of a source now renamed to avoid a collision (an
+    earlier version wrote both sources there)."""
+    if (out / "sources.csv").exists():
+        now = {(targets[i], *map(str, stamp)) for i, stamp in stamps.items()}
+        for row in read_csv(out / "sources.csv", SOURCE_FIELDS):
+            if tuple(row[k] or "" for k in SOURCE_FIELDS) not in now:
+                (out / "images" / row["path"]).unlink(missing_ok=True)
         return
-    now = {(targets[i], source, str(size), str(mtime)) for i, (source, size, mtime) in stamps.items()}
-    for row in read_csv(out / "sources.csv", SOURCE_FIELDS):
-        if (row["path"], row["source"], row["size"], row["mtime_ns"]) not in now:
-            (out / "images" / row["path"]).unlink(missing_ok=True)
+    for record in records:
+        plain = prepared_relative_path(record.path)
+        if targets[record.image_id] != plain:
+            (out / "images" / plain).unlink(missing_ok=True)
+    for image_id, (_, _, mtime, _) in stamps.items():
+        target = out / "images" / targets[image_id]
+        with contextlib.suppress(OSError):
+            if target.stat().st_mtime_ns < mtime:
+                target.unlink()
 
 
 def _moved_between_splits(out, splits, targets):
@@ -187,7 +206,7 @@ def _check_splits(splits, dataset, protocol):
     triplets cannot use (validation may be empty: training then goes without it)."""
     where = dataset.location
     more = {"folder": "add photos (a folder per class, two or more photos each)",
-            "manifest": "add rows (two or more per label)"}.get(dataset.kind, "add images")
+            "manifest": "add rows of another label to that split (two or more)"}.get(dataset.kind, "add images")
     for name in ("train", "val", "test"):
         if not splits[name] and name != "val":
             raise UserError(f"{where}: the {name} split of --split {protocol} is empty; add images or "
@@ -270,7 +289,7 @@ def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, datas
     out = prepared_dir(options)
     marker = out / "prepare.json"
     dataset = dataset or sources.from_cub(options.data_dir)
-    stamps, targets = source_stamps(dataset), prepared_paths(dataset.records)
+    stamps, targets = source_stamps(dataset, options.crop_bbox), prepared_paths(dataset.records)
     identity = {**dataset.info(), "listed": len(dataset.records), "fingerprint": listing_fingerprint(dataset, stamps)}
     if dataset.kind in ("folder", "manifest") and dataset.splits is None:
         identity["test_fraction"] = test_fraction
@@ -287,10 +306,13 @@ def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, datas
                 log(f"{out}: already prepared with these options; nothing to do")
                 return out
             log(f"{out}: {len(missing)} prepared image(s) missing (first: {missing[0]}); preparing them again")
-        elif before and before.get("fingerprint") != identity["fingerprint"]:
+        elif before and "fingerprint" not in before:
+            log(f"{out}: prepared by an earlier version, which kept no record of its sources; recording them "
+                f"(images already prepared are kept)")
+        elif before and before["fingerprint"] != identity["fingerprint"]:
             log(f"{out}: {dataset.location} changed since it was prepared (images or labels added, removed, "
                 f"moved or edited); preparing it again")
-        _remove_stale_images(out, stamps, targets)
+        _remove_stale_images(out, dataset.records, stamps, targets)
 
     def split(records, log=None):
         return _without_one_class_validation(sources.make_splits(
@@ -312,11 +334,11 @@ def prepare(options, workers=-1, log=print, max_pixels=DEFAULT_MAX_PIXELS, datas
         rows = [{"path": f"images/{targets[r.image_id]}", "class_id": r.class_id, "class_name": r.class_name,
                  "image_id": r.image_id} for r in part]
         write_csv(out / f"{name}.csv", rows, MANIFEST_FIELDS)
-    write_csv(out / "sources.csv", [{"path": targets[i], "source": source, "size": size, "mtime_ns": mtime}
-                                    for i, (source, size, mtime) in stamps.items()], SOURCE_FIELDS)
+    write_csv(out / "sources.csv", [dict(zip(SOURCE_FIELDS, (targets[i], *stamp))) for i, stamp in stamps.items()],
+              SOURCE_FIELDS)
     counts = {name: len(part) for name, part in splits.items()}
     classes = {name: len({r.class_id for r in part}) for name, part in splits.items()}
-    write_json(marker, {"options": _data_options(options), "dataset": identity, "splits": split_digest(splits, targets),
+    write_json(marker, {"options": _data_options(options), "dataset": identity,
                         "protocol": QUERY_GALLERY if dataset.roles else LEAVE_ONE_OUT, "images": counts,
                         "classes": classes, "skip_bad": skip_bad,
                         "skipped": [{"file": str(dataset.files[i]), "error": e} for i, e in bad.items()]})
@@ -374,19 +396,27 @@ def read_prepare_info(prepared):
     marker = Path(prepared) / "prepare.json"
     info = read_json_object(marker) if marker.exists() else {}
     dataset = info.get("dataset") or {"name": "unknown", "kind": "unknown", "source": ""}
-    return {"dataset": {**{k: dataset.get(k) for k in ("name", "kind", "source")}, "splits": info.get("splits")},
+    return {"dataset": {k: dataset.get(k) for k in ("name", "kind", "source")},
             "protocol": info.get("protocol", LEAVE_ONE_OUT)}
 
 
 def check_same_splits(recorded, prepared, run_dir, doing):
-    """Refuse to resume or evaluate a run on a prepared copy whose splits changed after it trained
-    (prepare_data run again on a changed folder): images it trained on may now be test images.
-    ``recorded``: the run's config["dataset"] (runs of before this record carry no digest)."""
-    then, now = (recorded or {}).get("splits"), read_prepare_info(prepared)["dataset"]["splits"]
-    if then and now and then != now:
-        raise UserError(f"{prepared}: its splits changed since {run_dir} trained on it (prepare_data.py ran again "
-                        f"on changed images), so {doing} would mix the two: images it trained on may now be test "
-                        f"images; train it again with --force, or prepare the new images into another --data-dir")
+    """Refuse to resume or evaluate a run whose training or validation images are not the ones of
+    ``prepared`` now (prepare_data run again on changed images, or --data-dir on other data):
+    images it trained on may be test images there. ``recorded``: the run's config["dataset"]
+    (runs of before this record carry no digests and are not checked)."""
+    then = (recorded or {}).get("splits")
+    if not isinstance(then, dict):
+        return
+    now = training_digests(prepared)
+    changed = [name for name in ("train", "val") if then.get(name) and then[name] != now[name]]
+    if changed:
+        raise UserError(f"{prepared}: its {' and '.join(changed)} split is not the one {run_dir} trained on "
+                        f"(prepare_data.py ran again on changed images, or --data-dir points at other data), so "
+                        f"{doing} would mix the two: images it trained on may now be test images; train it again "
+                        f"with --force, or prepare the new images into another --data-dir")
+
+
 def read_manifest(prepared, split):
     """Return (absolute image paths, class ids) of one split of a prepared folder, checked."""
     prepared = Path(prepared)

@@ -93,7 +93,7 @@ def embed_readable(embedder, files, batch_size=64, progress=False):
             for i in range(start, min(start + batch_size, len(files))):
                 try:
                     arrays.append(preprocess(open_rgb(files[i], embedder.max_pixels), embedder.image_size, embedder.resize_size,
-                                             embedder.metadata["mean"], embedder.metadata["std"]))
+                                             embedder.metadata["mean"], embedder.metadata["std"], embedder.max_pixels))
                     ok[i] = True
                 except (UserError, Image.DecompressionBombError) as e:
                     why = str(e)

@@ -113,7 +113,7 @@ class OnnxEmbedder:
     def preprocess(self, images):
         """Paths or PIL images -> float32 N x 3 x S x S, exactly as evaluation prepares them."""
         return np.stack([preprocess(open_rgb(image, self.max_pixels), self.image_size, self.resize_size,
-                                    self.metadata["mean"], self.metadata["std"]) for image in images])
+                                    self.metadata["mean"], self.metadata["std"], self.max_pixels) for image in images])
 
     def run(self, batch):
         """A preprocessed float32 batch -> its embeddings."""

@@ -86,15 +86,17 @@ def open_rgb(source, max_pixels=DEFAULT_MAX_PIXELS):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def preprocess(image, image_size, resize_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """RGB PIL image -> float32 array 3 x image_size x image_size, as the model expects."""
+def preprocess(image, image_size, resize_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+               max_pixels=DEFAULT_MAX_PIXELS):
+    """RGB PIL image -> float32 array 3 x image_size x image_size, as the model expects; ``max_pixels``
+    bounds the resized image (``check_resized_pixels``)."""
     resize_size = resize_size or resize_size_for(image_size)
     width, height = image.size
     if width <= height:  # torchvision's Resize(int): short side exact, long side truncated
         size = (resize_size, int(resize_size * height / width))
     else:
         size = (int(resize_size * width / height), resize_size)
-    check_resized_pixels(image.size, size, "image")
+    check_resized_pixels(image.size, size, "image", max_pixels)
     image = image.resize(size, Image.Resampling.BILINEAR)
     left = int(round((size[0] - image_size) / 2.0))
     top = int(round((size[1] - image_size) / 2.0))

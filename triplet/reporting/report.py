@@ -18,7 +18,7 @@ from triplet.reporting.collect import dataset_label, load_runs, untrained_metric
 from triplet.reporting.demo import demo_paragraph, is_demo
 from triplet.errors import UserError
 from triplet.fileio import write_text
-from triplet.runs import describe_recipe
+from triplet.runs import describe_recipe, ranked_precision
 
 # (metrics key, label, decimals); the first seven are the study's Tables I-XX.
 ROWS = [("loss", "Loss", 4), ("triplet_accuracy", 'Triplet accuracy (study: "Top-1 Accuracy"), %', 2),
@@ -101,9 +101,9 @@ def test_images(metrics):
 
 def ranking(runs):
     """One dataset's runs ranked by test Precision@1; the best trained run is marked (never one
-    without a Precision@1: ``collect.finite`` drops a NaN one)."""
-    ranked = sorted(runs, key=lambda r: -r["metrics"].get("precision_at_1", float("-inf")))
-    trained = [r for r in ranked if not r["baseline"] and r["metrics"].get("precision_at_1") is not None]
+    without a real Precision@1: none, null, NaN or infinite)."""
+    ranked = sorted(runs, key=lambda r: -ranked_precision(r["metrics"]))
+    trained = [r for r in ranked if not r["baseline"] and ranked_precision(r["metrics"]) > float("-inf")]
     best = trained[0] if trained else None
     lines = ["| Rank | Run | Dataset | Classes | Image size | Backbone | Epochs | LR | Batch | Mining | Test images | "
              "Test P@1 | P@5 | P@10 | MAP@R | Triplet acc. | Study P@1 |", "|" + "---|" * 17]
