@@ -40,6 +40,13 @@ endif
 override ALLOCATOR := $(if $(findstring =,$(ALLOCATOR)),$(ALLOCATOR),$(if $(ALLOCATOR),LD_PRELOAD=$(ALLOCATOR)))
 RUN_PY := $(strip $(ALLOCATOR) $(PY))
 
+# Checked before anything runs: make splits a path with a space into two, and torchrun's own error
+# for a bad NPROC is a traceback.
+$(foreach v,DATA_DIR RESULTS,$(if $(word 2,$($(v))),$(error $(v)="$($(v))" holds a space, which make splits into two paths; use a path without one (a link: ln -s "$($(v))" name))))
+ifeq ($(shell [[ "$(NPROC)" =~ ^[1-9][0-9]*$$ ]] && echo ok),)
+$(error NPROC=$(NPROC): must be a whole number of processes per machine, 1 or more)
+endif
+
 PREPARED := $(DATA_DIR)/prepared/$(SPLIT)-r256-val0.1-seed0/prepare.json
 TRAIN := $(strip $(ALLOCATOR) $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY))) scripts/train.py
 RUN_OPTIONS := --split $(SPLIT) --device $(DEVICE) --image-size $(IMAGE_SIZE) --workers $(WORKERS) --weights $(WEIGHTS)
@@ -88,7 +95,8 @@ $(PREPARED): | setup
 ## exp5: 60 epochs, lr 0.001, batch 32 (the study ran it on ResNet18)
 ## exp6: 60 epochs, lr 0.001, batch 64 (the study ran it on ResNet18)
 ## exp7: our recipe: online semi-hard mining in PK batches (16 classes x 4), margin 0.2, cosine lr
-$(EXPERIMENTS): %: $(RESULTS)/%-$(BACKBONE)$(RUN_TAG)/tsne.png
+# metrics.json named too: under .SECONDARY a deleted one would not be remade while tsne.png is up to date
+$(EXPERIMENTS): %: $(RESULTS)/%-$(BACKBONE)$(RUN_TAG)/metrics.json $(RESULTS)/%-$(BACKBONE)$(RUN_TAG)/tsne.png
 
 # results/expN-BACKBONE[RUN_TAG]/: train (resuming if interrupted) -> evaluate -> plots.
 define experiment_rules
@@ -107,9 +115,9 @@ $(RESULTS)/baseline-%/metrics.json: $(PREPARED)
 	$(RUN_PY) scripts/evaluate.py --run $(@D) --checkpoint none --backbone $(firstword $(subst -, ,$*)) --weights $(WEIGHTS) \
 	    --data-dir $(DATA_DIR) --split $(SPLIT) --image-size $(IMAGE_SIZE) --device $(DEVICE) --workers $(WORKERS)
 
-ALL_RUNS := $(foreach e,exp1 exp2 exp3 exp4,$(foreach b,resnet18 resnet34,$(RESULTS)/$(e)-$(b)/tsne.png)) \
-            $(RESULTS)/exp5-resnet18/tsne.png $(RESULTS)/exp6-resnet18/tsne.png \
-            $(RESULTS)/exp7-resnet18/tsne.png $(RESULTS)/exp7-resnet34/tsne.png \
+ALL_TRAINED := $(foreach e,exp1 exp2 exp3 exp4,$(foreach b,resnet18 resnet34,$(RESULTS)/$(e)-$(b))) \
+               $(RESULTS)/exp5-resnet18 $(RESULTS)/exp6-resnet18 $(RESULTS)/exp7-resnet18 $(RESULTS)/exp7-resnet34
+ALL_RUNS := $(foreach run,$(ALL_TRAINED),$(run)/metrics.json $(run)/tsne.png) \
             $(RESULTS)/baseline-resnet18/metrics.json $(RESULTS)/baseline-resnet34/metrics.json
 ## all: the whole study on CUB: exp1-4 x both backbones, exp5-6, exp7 x both, report, export, bench
 all: $(ALL_RUNS)

@@ -157,3 +157,18 @@ def test_a_loader_worker_out_of_shared_memory_says_how_to_give_it_more(signal_na
 def test_other_runtime_errors_are_bugs_and_keep_their_traceback(text, capsys):
     with pytest.raises(RuntimeError):
         finish(RuntimeError(text), capsys)
+
+
+@dataclass
+class OneOption:
+    epochs: int = 1
+
+
+@pytest.mark.parametrize("argv, says", [(["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+                                        (["--epoch", "2", "--bogus"], "unrecognized arguments: --bogus")])
+def test_a_mistyped_option_is_one_line_not_the_usage_block(argv, says, capsys):
+    """argparse printed its whole usage block (15 lines for train.py) before the error."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(lambda opts: None, OneOption, argv=argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and says in err and "usage:" not in err

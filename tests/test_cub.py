@@ -284,3 +284,9 @@ def test_a_missing_prepared_copy_names_the_options_and_the_copies_that_exist(syn
     assert "official-r48-val0.1-seed0 (--split official --resize 48 --val-fraction 0.1 --split-seed 0)" in message
     with pytest.raises(UserError, match="--resize 48"):
         read_manifest(wanted, "train")
+
+
+def test_a_data_folder_that_moved_says_to_pass_data_dir(tmp_path):
+    """export_onnx.py after `mv data elsewhere` listed the options that must match, never --data-dir."""
+    with pytest.raises(UserError, match="data folder not found; if it moved, pass --data-dir"):
+        read_manifest(prepared_dir(DataOptions(data_dir=str(tmp_path / "moved"))), "test")

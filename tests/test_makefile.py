@@ -81,6 +81,18 @@ def test_a_finished_run_is_not_retrained(tmp_path):
     (run / "tsne.png").unlink()  # only the plots are missing: no retraining, only plotting
     output = dry_run("exp1", tmp_path=tmp_path)
     assert "plot_embeddings" in output and "train.py" not in output
+    (run / "tsne.png").touch()
+    (run / "metrics.json").unlink()  # under .SECONDARY it was never remade while tsne.png stood
+    assert "evaluate.py" in dry_run("exp1", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("variable, says", [("NPROC=0", "NPROC=0: must be a whole number"),
+                                            ("NPROC=abc", "NPROC=abc: must be a whole number"),
+                                            ("DATA_DIR=my data", "holds a space"), ("RESULTS=my results", "holds a space")])
+def test_a_bad_variable_is_one_line_before_anything_runs(variable, says):
+    """NPROC=0 ended in torchrun's traceback; a space in DATA_DIR reached prepare_data as two arguments."""
+    result = subprocess.run(["make", "-n", "exp1", variable], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and says in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_exp7_uses_online_mining_and_torchrun_with_nproc(tmp_path):

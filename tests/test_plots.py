@@ -109,6 +109,18 @@ def test_truncated_embeddings_are_one_line_for_plots_and_the_browse_set(run_copy
         load_browse_set(run_copy)
 
 
+def test_embeddings_that_are_not_finite_are_one_line_not_an_sklearn_traceback(run_copy):
+    from triplet.errors import UserError
+
+    npz = run_copy / "test_embeddings.npz"
+    with np.load(npz) as data:
+        arrays = dict(data)
+    arrays["embeddings"][3] = np.nan
+    np.savez(npz, **arrays)
+    with pytest.raises(UserError, match="1 of .* embeddings are not finite .*lower --lr"):
+        plots.load_embeddings(run_copy)
+
+
 def test_a_damaged_history_keeps_the_curves_and_says_how_to_restore_it(run_copy):
     """A history.csv without its columns drew empty axes over a good curves.png, exit 0."""
     (run_copy / "curves.png").write_bytes(b"the good curves")

@@ -70,6 +70,11 @@ def build_parser(options_class, description=None):
         elif action.help and f.default not in (dataclasses.MISSING, "") and not isinstance(f.default, bool):
             action.help += f" (default: {f.default})"
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+
+    def one_line_error(message):  # argparse's own prints its whole usage block first
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message} (--help lists the options)\n")
+
+    parser.error = one_line_error
     return parser
 
 

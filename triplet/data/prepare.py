@@ -369,6 +369,10 @@ def _as_flags(options):
 def missing_prepared_message(prepared):
     """Why ``prepared`` is not there, and the prepared copies that are (with the flags that pick them)."""
     prepared = Path(prepared)
+    data_dir = prepared.parent.parent
+    if not data_dir.is_dir():
+        return (f"{data_dir}: data folder not found; if it moved, pass --data-dir with its new place, else "
+                f"prepare it with scripts/prepare_data.py (or `make data`)")
     others = []
     for marker in sorted(prepared.parent.glob("*/prepare.json")):
         try:

@@ -40,6 +40,11 @@ def load_embeddings(run_dir):
         raise UserError(f"{path}: unreadable ({e}); re-run python scripts/evaluate.py --run {run_dir}") from e
     if len(labels) < 2:
         raise UserError(f"{path}: holds {len(labels)} embedding(s); need at least 2 to plot")
+    bad = int((~np.isfinite(embeddings).all(axis=1)).sum()) if embeddings.ndim == 2 else len(labels)
+    if bad:
+        raise UserError(f"{path}: {bad} of {len(labels)} embeddings are not finite (NaN or infinite): a model that "
+                        f"diverged gives them (train again with a lower --lr); if the file was edited, re-run "
+                        f"python scripts/evaluate.py --run {run_dir}")
     return embeddings, labels, paths
 
 
