@@ -133,7 +133,7 @@ def test_two_training_processes_cannot_share_a_run_folder(synthetic_root, tmp_pa
 def test_force_with_a_typo_keeps_the_old_run(run_copy, tmp_path):
     before = {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != ".lock"}
     status, output = call_script("train", *train_args(tmp_path / "typo", run_copy, "--epochs", 1, "--force"))
-    assert status == 2 and "no prepared data" in output and one_line(output)
+    assert status == 2 and "data folder not found" in output and one_line(output)
     assert {p.name: p.read_bytes() for p in run_copy.iterdir() if p.is_file() and p.name != ".lock"} == before
     assert not list(run_copy.glob("replaced-*"))
 

@@ -191,7 +191,7 @@ def test_an_option_added_since_a_run_was_made_counts_as_its_default(tmp_path):
     (["--workers", "-2"], "--workers -2: must be -1 (automatic), 0 or more"),
     (["--backbone", "vgg1600"], "--backbone 'vgg1600': not a torchvision classification model; did you mean"),
     (["--mining", "hard", "--batch-size", "56", "--samples-per-class", "4"], "PK batches need P"),
-    (["--data-dir", "/nonexistent/data"], "no prepared data"),
+    (["--data-dir", "/nonexistent/data"], "data folder not found; if it moved, pass --data-dir"),
     # these were tracebacks: ZeroDivisionError, Adam's and DataLoader's ValueErrors, numpy's seed check
     (["--mining", "hard", "--samples-per-class", "0"], "--samples-per-class 0: must be >= 2"),
     (["--weight-decay", "-1"], "--weight-decay -1.0: must be >= 0"),
