@@ -111,7 +111,12 @@ def test_int8_refused_when_the_drop_is_too_large(tiny_run, tmp_path, monkeypatch
     error = output.strip().splitlines()[-1]
     assert status == 3 and "error:" in error and "more than --max-drop" in error and "kept aside" in error
     assert out.is_file() and (tmp_path / "m.int8.rejected.onnx").is_file()
-    assert not (tmp_path / "m.int8.onnx").exists()
+    assert not (tmp_path / "m.int8.onnx").exists() and "the earlier INT8 model, made from another fp32 one, was removed" in error
+    monkeypatch.setattr(export, "precision_at_1", lambda *args, **kwargs: (50.0, 49.5))
+    status, output = call_script("export_onnx", "--run", tiny_run, "--out", out, "--int8", "--calibration-images",
+                                 8, "--max-drop", 1, "--verify-images", 4)
+    assert status == 0 and (tmp_path / "m.int8.onnx").is_file(), output
+    assert not (tmp_path / "m.int8.rejected.onnx").exists() and "which an earlier export had kept aside" in output
 
 
 def test_verification_reports_by_how_much_it_failed(exported, tiny_run):

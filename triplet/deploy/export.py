@@ -189,8 +189,12 @@ def precision_at_1(embedders, paths, labels, batch_size=64, is_query=None):
             for out in outputs]
 
 
+def _keep_aside_path(path):
+    return path.with_name(path.name.removesuffix(".onnx") + ".rejected.onnx")
+
+
 def _keep_aside(tmp, path):
-    rejected = path.with_name(path.name.removesuffix(".onnx") + ".rejected.onnx")
+    rejected = _keep_aside_path(path)
     os.replace(tmp, rejected)
     return rejected
 
@@ -230,11 +234,17 @@ def export_run(run_dir, out, int8=False, calibration_images=300, max_drop=1.0, v
         check = {"precision_at_1_fp32": round(p_fp32, 4), "precision_at_1_int8": round(p_int8, 4),
                  "calibration_images": len(calibration), "max_drop": max_drop}
         save_with_metadata(onnx.load(str(tmp)), tmp, {**metadata, "precision": "int8", "int8_check": check})
+        rejected = _keep_aside_path(int8_out)
         if drop > max_drop:
-            int8_out.unlink(missing_ok=True)  # an older INT8 model no longer matches this fp32 one
-            rejected = _keep_aside(tmp, int8_out)
+            removed = int8_out.exists()  # an older INT8 model no longer matches this fp32 one
+            int8_out.unlink(missing_ok=True)
+            os.replace(tmp, rejected)
             raise QualityGateError(f"{int8_out}: INT8 loses {drop:.2f} points of test Precision@1 ({p_fp32:.2f} -> "
-                            f"{p_int8:.2f}), more than --max-drop {max_drop:g}; kept aside as {rejected}, "
+                            f"{p_int8:.2f}), more than --max-drop {max_drop:g}; kept aside as {rejected}"
+                            f"{' (the earlier INT8 model, made from another fp32 one, was removed)' if removed else ''}, "
                             f"deploy the fp32 model {out}")
     log(f"wrote {int8_out}")
+    if rejected.exists():  # an earlier export's refusal, beside a model that now passed
+        rejected.unlink()
+        log(f"removed {rejected}, which an earlier export had kept aside")
     return {"fp32": out, "int8": int8_out}
