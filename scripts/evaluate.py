@@ -20,8 +20,9 @@ import numpy as np
 from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, check_backbone
 from triplet.cli import check, run
-from triplet.data.prepare import (DataOptions, check_same_splits, prepared_dir, query_mask, read_manifest,
-                                  read_prepare_info, run_data_options)
+from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
+                                  run_data_options)
+from triplet.data.provenance import check_same_splits
 from triplet.errors import UserError
 from triplet.fileio import atomic_path, write_json
 

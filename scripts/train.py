@@ -19,8 +19,8 @@ from pathlib import Path
 from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
 from triplet.cli import check, plural, run
-from triplet.data.prepare import (DataOptions, check_same_splits, prepared_dir, read_manifest, read_prepare_info,
-                                  training_digests)
+from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
+from triplet.data.provenance import check_same_splits, training_digests
 from triplet.deploy.preprocess import resize_size_for
 from triplet.errors import UserError
 from triplet.machine import allocator_tip

@@ -7,7 +7,8 @@ import pytest
 
 from tests.conftest import call_script
 from triplet.data import sources
-from triplet.data.prepare import DataOptions, prepare, read_manifest, read_prepare_info, training_digests
+from triplet.data.prepare import DataOptions, prepare, read_manifest, read_prepare_info
+from triplet.data.provenance import training_digests
 from triplet.data.synthetic import render
 from triplet.errors import UserError
 from triplet.fileio import read_json

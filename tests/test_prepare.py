@@ -9,7 +9,8 @@ from PIL import Image
 from tests.conftest import call_script
 from tests.test_own_images import quiet, write_manifest
 from triplet.data import sources
-from triplet.data.prepare import DataOptions, check_same_splits, prepare, read_manifest, training_digests
+from triplet.data.prepare import DataOptions, prepare, read_manifest
+from triplet.data.provenance import check_same_splits, training_digests
 from triplet.deploy.preprocess import preprocess
 from triplet.errors import UserError
 from triplet.fileio import read_json
