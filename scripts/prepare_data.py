@@ -92,14 +92,6 @@ def prepare_own_images(opts):
         dataset = sources.from_manifest(opts.manifest)
     prepared = prepare(opts, opts.workers, max_pixels=opts.max_pixels, dataset=dataset, test_fraction=opts.test_fraction,
                        skip_bad=opts.skip_bad)
-    from triplet.data.datasets import check_triplet_ready
-    from triplet.data.prepare import read_manifest
-
-    try:  # found here, not when train.py starts
-        check_triplet_ready(read_manifest(prepared, "train")[1], f"training split of {prepared}")
-    except UserError as e:
-        more = "rows (two or more training rows per label)" if opts.manifest else "photos (a folder per class, two or more photos each)"
-        raise UserError(f"{e}: add {more} and run this again") from e
     defaults = DataOptions()
     options = " ".join(f"--{name.replace('_', '-')} {shlex.quote(str(getattr(opts, name)))}" for name in
                        ("data_dir", "split", "val_fraction", "split_seed", "resize")
