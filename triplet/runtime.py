@@ -92,7 +92,7 @@ def choose_precision(precision, device):
     if precision != "auto":
         return precision, f"--precision {precision}{_emulation_note(precision, device)}"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported(including_emulation=False):
+        if native_bf16(device):
             return "bf16", f"{torch.cuda.get_device_name(device)} computes bf16 natively"
         return "fp16", f"{torch.cuda.get_device_name(device)} has no native bf16: fp16 autocast with a GradScaler"
     if device.type == "cpu":
@@ -101,15 +101,21 @@ def choose_precision(precision, device):
     return "fp32", f"{device.type}: fp32"
 
 
+def native_bf16(device):
+    """Whether ``device`` computes bf16 natively (Ampere and newer GPUs; AVX-512-bf16, AMX or Arm
+    BF16 CPUs); elsewhere autocast accepts bf16 but emulates it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_has_bf16()
+
+
 def _emulation_note(precision, device):
     """Where bf16 was asked for by name on hardware that only emulates it, the run says so: autocast
     accepts it there (a V100 or T4, an AVX2 CPU) and runs slower than fp16 or fp32 would."""
-    if precision != "bf16" or device.type not in ("cuda", "cpu"):
+    if precision != "bf16" or device.type not in ("cuda", "cpu") or native_bf16(device):
         return ""
-    if device.type == "cuda":
-        return "" if torch.cuda.is_bf16_supported(including_emulation=False) else \
-            " (emulated on this GPU, slower than --precision fp16)"
-    return "" if cpu_has_bf16() else " (emulated on this CPU, slower than --precision fp32)"
+    return (" (emulated on this GPU, slower than --precision fp16)" if device.type == "cuda" else
+            " (emulated on this CPU, slower than --precision fp32)")
 
 
 def resolve_precision(precision, device):

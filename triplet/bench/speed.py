@@ -26,7 +26,7 @@ def probe_machine(device):
     device = runtime.resolve_device(device)
     precision, reason = runtime.choose_precision("auto", device)
     dtypes = {"fp32": torch.float32}
-    if (torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else runtime.cpu_has_bf16()):
+    if runtime.native_bf16(device):
         dtypes["bf16"] = torch.bfloat16  # elsewhere bf16 is emulated: its matmul is no peak
     if device.type == "cuda":
         dtypes["fp16"] = torch.float16
