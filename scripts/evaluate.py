@@ -22,7 +22,7 @@ from triplet.backbones import DEFAULT_BACKBONE, check_backbone
 from triplet.cli import check, run
 from triplet.data.prepare import (DataOptions, prepared_dir, query_mask, read_manifest, read_prepare_info,
                                   run_data_options)
-from triplet.data.provenance import check_same_splits
+from triplet.data.provenance import check_run_splits
 from triplet.errors import UserError
 from triplet.fileio import atomic_path, write_json
 
@@ -129,8 +129,8 @@ def main(opts):
     if not (run_dir / "config.json").exists():  # a new baseline folder: record how it was made
         runs.write_config(run_dir, {"options": options, "environment": runtime.environment(device, precision)})
     prepared = prepared_dir(data)
-    if opts.checkpoint != "none" and (run_dir / "config.json").exists():
-        check_same_splits(runs.read_config(run_dir / "config.json").get("dataset"), prepared, run_dir, "evaluating it")
+    if opts.checkpoint != "none":
+        check_run_splits(run_dir, prepared, "evaluating it")
     paths, labels = read_manifest(prepared, "test")
     source, is_query = read_prepare_info(prepared), query_mask(prepared, paths)
     dataset = ImageDataset(paths, labels, EvalTransform(options["image_size"]))

@@ -20,7 +20,7 @@ from triplet import runs
 from triplet.backbones import DEFAULT_BACKBONE, HELP as BACKBONE_HELP, check_backbone
 from triplet.cli import check, plural, run
 from triplet.data.prepare import DataOptions, prepared_dir, read_manifest, read_prepare_info
-from triplet.data.provenance import check_same_splits, training_digests
+from triplet.data.provenance import check_run_splits, training_digests
 from triplet.deploy.preprocess import resize_size_for
 from triplet.errors import UserError
 from triplet.machine import allocator_tip
@@ -168,8 +168,8 @@ def main(opts):
     resume_from = decision[1]
 
     prepared = prepared_dir(opts)
-    if resume_from and (run_dir / "config.json").exists():  # before anything is built: --gpu-cache would decode the whole training split first
-        check_same_splits(runs.read_config(run_dir / "config.json").get("dataset"), prepared, run_dir, "resuming it")
+    if resume_from:  # before anything is built: --gpu-cache would decode the whole training split first
+        check_run_splits(run_dir, prepared, "resuming it")
     train_paths, train_labels = read_manifest(prepared, "train")
     val_paths, val_labels = read_manifest(prepared, "val")
     check_triplet_ready(train_labels, f"training split of {prepared}")
@@ -199,8 +199,8 @@ def main(opts):
     if checkpoint:
         check_world_size(checkpoint, dist.world_size(), resume_from)
         restored = scaler is not None and checkpoint.get("scaler")
-        restored = f"; fp16 loss scale {scaler.get_scale():g} restored" if restored else ""
-        log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}{restored}")
+        scale = f"; fp16 loss scale {scaler.get_scale():g} restored" if restored else ""
+        log(f"resuming {run_dir} after epoch {start_epoch} of {opts.epochs}{scale}")
     net = model
     if dist.is_distributed():
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -213,8 +213,9 @@ def main(opts):
         runs.write_config(run_dir, config)
     small = sum(n < opts.samples_per_class for n in Counter(train_labels).values()) if opts.mining != "none" else 0
     if small:
-        log(f"note: {plural(small, 'class', 'classes')} of {len(set(train_labels))} {'has' if small == 1 else 'have'} fewer training images than "
-            f"--samples-per-class {opts.samples_per_class}: their PK groups repeat images (differently augmented)")
+        log(f"note: {plural(small, 'class', 'classes')} of {len(set(train_labels))} {'has' if small == 1 else 'have'} "
+            f"fewer training images than --samples-per-class {opts.samples_per_class}: their PK groups repeat "
+            f"images (differently augmented)")
     if opts.image_size > opts.resize:
         log(f"note: --image-size {opts.image_size} crops come from images prepared at short side {opts.resize} "
             f"(--resize): they are upscaled, so the model sees no more detail than {opts.resize} px holds; "
@@ -296,7 +297,8 @@ def interrupted_main(opts):
     except DiskFull as e:  # the run folder holds a run now: "run the command again" would be refused
         if not (Path(opts.out) / "config.json").exists():
             raise
-        raise DiskFull(str(e).replace("run the command again", f"resume with: {resume_command(opts, dist.world_size())}")) from e
+        command = resume_command(opts, dist.world_size())
+        raise DiskFull(str(e).replace("run the command again", f"resume with: {command}")) from e
     except KeyboardInterrupt:
         if dist.is_main():
             print(f"\ninterrupted; {opts.out}/checkpoint_last.pt holds the last completed epoch. Resume with:\n"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from triplet.errors import UserError
 from triplet.fileio import read_csv
+from triplet.runs import read_config
 
 SPLITS = ("train", "val", "test")
 
@@ -129,3 +130,10 @@ def check_same_splits(recorded, prepared, run_dir, doing):
                         f"(prepare_data.py ran again on changed images, or --data-dir points at other data), so "
                         f"{doing} would mix the two: images it trained on may now be test images; train it again "
                         f"with --force, or prepare the new images into another --data-dir")
+
+
+def check_run_splits(run_dir, prepared, doing):
+    """``check_same_splits`` for the run in ``run_dir``, from the digests its config.json records."""
+    config = Path(run_dir) / "config.json"
+    if config.exists():
+        check_same_splits(read_config(config).get("dataset"), prepared, run_dir, doing)
