@@ -199,6 +199,12 @@ def benchmark_backbone(opts, machine, backbone, train, test):
     return result
 
 
+def steps_and_warmup(steps, warmup, cuda):
+    """-1 resolved by device: a CUDA step of milliseconds needs 100 timed steps after 10 warm-up
+    (kernel choice, allocator, workers) to be measured at all; a CPU step of seconds needs 5 after 1."""
+    return (100 if cuda else 5) if steps == -1 else steps, (10 if cuda else 1) if warmup == -1 else warmup
+
+
 def main(opts):
     # torch and everything over it are imported here, not at the top, so that --help is instant
     from triplet.bench.speed import data_path_speed, probe_machine
@@ -208,10 +214,7 @@ def main(opts):
     machine = in_fresh_process(probe_machine, device=opts.device)  # first: a bad --device fails fast
     machine["allocator_library"] = find_tcmalloc() if opts.allocator == "auto" else None
     cuda = machine["device"].startswith("cuda")
-    if opts.steps == -1:
-        opts.steps = 100 if cuda else 5
-    if opts.warmup == -1:
-        opts.warmup = 10 if cuda else 1
+    opts.steps, opts.warmup = steps_and_warmup(opts.steps, opts.warmup, cuda)
     print(f"{machine['device']} ({machine['name']}, {machine['threads']} threads): matmul peak "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine["matmul_peak_gflops"].items())
           + f"; suite precision {machine['auto_precision']}, allocator {machine['allocator_library'] or 'malloc'}")

@@ -76,6 +76,9 @@ def test_bad_options_are_one_line_errors():
         parse(script.Options, ["--also-compile", "--warmup", "0"])
     assert parse(script.Options, [])[0].backbones == ["resnet18", "resnet34"]
     assert (parse(script.Options, [])[0].steps, parse(script.Options, [])[0].warmup) == (-1, -1)  # by device
+    assert script.steps_and_warmup(-1, -1, cuda=True) == (100, 10)
+    assert script.steps_and_warmup(-1, -1, cuda=False) == (5, 1)
+    assert script.steps_and_warmup(7, 0, cuda=True) == (7, 0)
 
 
 def test_timed_batches_times_only_the_steps_after_warmup():

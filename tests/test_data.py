@@ -97,6 +97,29 @@ def test_batches_are_the_same_loaded_between_steps_or_by_a_worker(synthetic_root
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[1]))
 
 
+def test_persistent_workers_load_each_epochs_new_plan_as_a_fresh_loader_would(synthetic_root):
+    """Training keeps its workers between epochs (``persistent=True``); the sampler plans each
+    epoch in the main process, so a kept worker must load exactly what a fresh one would after a
+    resume at that epoch."""
+    paths, labels = read_manifest(prepared_dir(DataOptions(data_dir=str(synthetic_root), resize=48)), "train")
+    dataset = ImageDataset(paths, labels, TrainTransform(32))
+
+    def loader_at(epoch, persistent):
+        sampler = TripletBatchSampler(labels, 4, seed=3)
+        sampler.set_epoch(epoch)
+        return sampler, make_loader(dataset, torch.device("cpu"), 1, batch_sampler=sampler, persistent=persistent)
+
+    sampler, kept = loader_at(0, persistent=True)
+    epoch0 = [images for images, _ in kept]
+    workers = kept._iterator
+    sampler.set_epoch(1)
+    epoch1 = [images for images, _ in kept]
+    assert kept.persistent_workers and kept._iterator is workers  # the same worker processes
+    fresh = [images for images, _ in loader_at(1, persistent=False)[1]]
+    assert len(epoch1) == len(fresh) > 1 and all(torch.equal(a, b) for a, b in zip(epoch1, fresh))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1))  # a new plan, not epoch 0 again
+
+
 def test_a_class_with_one_image_is_refused():
     with pytest.raises(UserError, match="class 9 with a single image"):
         TripletBatchSampler([1, 1, 1, 9], batch_size=2)

@@ -44,6 +44,30 @@ def test_two_process_gloo_training_writes_one_complete_run(synthetic_root, tmp_p
     assert again.returncode == 0 and "nothing to do" in again.stdout
 
 
+def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(synthetic_root, tmp_path):
+    """Each rank draws its own share of every epoch from (seed, epoch, rank) alone, so 1 epoch and
+    a --resume to 2 under torchrun end where 2 epochs straight do: same history, same weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+    def args(out, epochs):
+        return ["--data-dir", synthetic_root, "--resize", 48, "--weights", "none", "--image-size", 32,
+                "--epochs", epochs, "--batch-size", 8, "--workers", 0, "--no-progress", "--device", "cpu",
+                "--out", out]
+
+    for result in (torchrun(*args(straight, 2)), torchrun(*args(resumed, 1)), torchrun(*args(resumed, 2), "--resume")):
+        assert result.returncode == 0, result.stdout + result.stderr
+    assert "resuming" in result.stdout
+
+    def history(run_dir):
+        with open(run_dir / "history.csv") as f:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+    assert len(history(straight)) == 3 and history(resumed) == history(straight)
+    weights = [load_checkpoint(run_dir / "checkpoint_last.pt")["model"] for run_dir in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_ddp_errors_reach_every_rank(synthetic_root, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()

@@ -8,7 +8,7 @@ from torchvision.transforms import v2
 from triplet import engine, runtime
 from triplet.data import gpu_cache
 from triplet.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from triplet.mining import packaged_triplets
+from triplet.mining import batch_hard, packaged_triplets
 
 CPU = torch.device("cpu")
 
@@ -36,9 +36,9 @@ class NanAt(torch.nn.Module):
         return out * float("nan") if self.calls >= self.bad else out
 
 
-def batches(steps):
+def batches(steps, labels=(0,) * 6):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(6, 3, 2, 2, generator=g), torch.zeros(6)) for _ in range(steps)]
+    return [(torch.randn(6, 3, 2, 2, generator=g), torch.tensor(labels)) for _ in range(steps)]
 
 
 def run(model, steps, sync_every):
@@ -55,14 +55,17 @@ def test_the_host_looks_at_the_loss_only_every_few_steps(monkeypatch):
     assert stats["train_loss"] > 0 and stats["active_triplets"] >= 0
 
 
-READS = ["__float__", "__int__", "__bool__", "__index__", "item", "tolist", "cpu", "numpy"]
+READS = ["__float__", "__int__", "__bool__", "__index__", "item", "tolist", "cpu", "numpy", "nonzero"]
 
 
+@pytest.mark.parametrize("miner", [packaged_triplets, batch_hard])
 @pytest.mark.parametrize("steps, sync_every", [(6, 3), (7, 3), (2, 10)])
-def test_nothing_but_the_sync_points_reads_the_device(monkeypatch, steps, sync_every):
-    """On a GPU every read of a device tensor's value makes the host wait for the queue; a CPU run
-    cannot see that, so every such read outside _read_at_sync_point is counted here. (The epoch's
-    active-triplet count used to be read once more at the end: three waits for two sync points.)"""
+def test_nothing_but_the_sync_points_reads_the_device(monkeypatch, steps, sync_every, miner):
+    """On a GPU every read of a device tensor's value makes the host wait for the queue, and so does
+    a result whose shape depends on the values (nonzero); a CPU run cannot see that, so every such
+    call outside _read_at_sync_point is counted here, for offline triplets and batch-hard mining.
+    (The epoch's active-triplet count used to be read once more at the end: three waits for two
+    sync points; batch-hard used nonzero to drop anchors without a triplet: a wait every step.)"""
     inside, stray, sync_points = [False], [], []
     original = engine._read_at_sync_point
 
@@ -86,14 +89,22 @@ def test_nothing_but_the_sync_points_reads_the_device(monkeypatch, steps, sync_e
     monkeypatch.setattr(engine, "_read_at_sync_point", sync_point)
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
+    nonzero = torch.nonzero
+
+    def counted_nonzero(*args, **kwargs):
+        if not inside[0]:
+            stray.append("torch.nonzero")
+        return nonzero(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "nonzero", counted_nonzero)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
-    data = batches(steps)
+    data = batches(steps, labels=(0, 0, 1, 1, 2, 2))  # offline: 2 triplets a batch; batch-hard: 6 anchors
     stats = engine.train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.01), CPU, "fp32", 1.0,
-                                   packaged_triplets, progress=False, sync_every=sync_every)
+                                   miner, progress=False, sync_every=sync_every)
     monkeypatch.undo()
     assert stray == [] and len(sync_points) == -(-steps // sync_every)
     # the count that now travels with the last losses is still the epoch's: active triplets per step
-    assert 0 < stats["active_triplets"] <= 2 and stats["train_loss"] > 0
+    assert 0 < stats["active_triplets"] <= (2 if miner is packaged_triplets else 6) and stats["train_loss"] > 0
 
 
 @pytest.mark.parametrize("bad, sync_every", [(5, 3), (1, 50), (7, 7)])

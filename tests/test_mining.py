@@ -47,7 +47,7 @@ def test_packaged_triplets_are_the_thirds_of_the_batch():
 @pytest.mark.parametrize("integer", [False, True])
 def test_batch_hard_matches_brute_force(integer):
     x, labels = batch(integer=integer)
-    labels[0] = 99  # an anchor without positives is skipped
+    labels[0] = 99  # an anchor without positives gets the placeholder (0, 0, 0)
     dist = distance_matrix(x)
     expected = []
     for a in range(len(labels)):
@@ -58,6 +58,9 @@ def test_batch_hard_matches_brute_force(integer):
             hardest_p = max(pos, key=lambda dp: (dp[0], -dp[1]))[1]  # ties: lower index
             hardest_n = min(neg)[1]
             expected.append((a, hardest_p, hardest_n))
+        else:
+            expected.append((a, a, a))
+    assert expected[0] == (0, 0, 0)
     assert as_list(batch_hard(x, labels, dist=dist)) == expected
     assert as_list(batch_hard(x, labels)) == expected
 
@@ -104,12 +107,39 @@ def test_miners_return_int64_indices_without_grad(name, device):
     assert x.grad is None and torch.is_grad_enabled()  # grad mode is restored
 
 
-def test_miners_on_a_batch_with_one_class_return_nothing():
-    x, labels = torch.randn(6, 3), torch.zeros(6, dtype=torch.int64)
+def test_miners_on_a_batch_with_one_class_give_no_loss():
+    """semihard finds no triplet; batch_hard keeps one placeholder (a, a, a) per anchor, so the
+    shape of what it returns never depends on the values."""
+    x, labels = torch.randn(6, 3, requires_grad=True), torch.zeros(6, dtype=torch.int64)
+    assert all(len(t) == 0 for t in semihard(x, labels))
+    assert as_list(batch_hard(x, labels)) == [(a, a, a) for a in range(6)]
     for name in ONLINE:
         triplets = get_miner(name)(x, labels)
         check_dtypes(triplets, "cpu")
-        assert all(len(t) == 0 for t in triplets)
+        loss, active = triplet_loss(x, *triplets)
+        assert loss.item() == 0.0 and active.item() == 0 and loss.requires_grad
+        loss.backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))
+        x.grad = None
+
+
+def test_triplet_loss_ignores_placeholders():
+    """A batch-hard result with placeholders gives the loss, count and gradient of its real
+    triplets alone: their mean, not diluted by the anchors that had no triplet."""
+    x, labels = batch()
+    labels[:3] = torch.tensor([97, 98, 99])  # three anchors without a positive
+    triplets = batch_hard(x, labels)
+    real = triplets[0] != triplets[1]
+    assert real.sum() == len(labels) - 3
+    gradients, results = [], []
+    for chosen in (triplets, [t[real] for t in triplets]):
+        leaf = x.clone().requires_grad_()
+        loss, active = triplet_loss(leaf, *chosen, margin=1.0)
+        loss.backward()
+        results.append((loss.item(), active.item()))
+        gradients.append(leaf.grad)
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6) and results[0][1] == results[1][1] > 0
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-7)
 
 
 def test_unknown_miner_is_a_clear_error():

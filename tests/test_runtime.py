@@ -272,6 +272,25 @@ def test_a_resume_keeps_the_adam_implementation_this_process_chose(saved_fused, 
     assert make_optimizer(model, CUDA, 1e-3).defaults["fused"] and not make_optimizer(model, CPU, 1e-3).defaults["fused"]
 
 
+def test_a_resume_restores_the_fp16_loss_scale():
+    """An fp16 run's GradScaler state travels in the checkpoint; a resume that started again from
+    the initial scale (65536) would spend its first steps skipping updates to find it again. The
+    CPU's GradScaler stands in for CUDA's."""
+    model = torch.nn.Linear(4, 2)
+    optimizer = make_optimizer(model, CPU, 1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    for _ in range(3):  # finite gradients: the scale doubles after every step
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(2, 4)).square().sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    prepare_training(torch.nn.Linear(4, 2), CPU, 1e-3, 0.0, checkpoint, "checkpoint_last.pt", resumed)
+    assert scaler.get_scale() == 2.0**13 and resumed.get_scale() == 2.0**13
+    assert resumed.state_dict() == scaler.state_dict()
+
+
 def test_a_resume_with_another_number_of_processes_is_refused():
     checkpoint = {"config": {"environment": {"world_size": 2}}}
     check_world_size(checkpoint, 2, "run/checkpoint_last.pt")

@@ -82,6 +82,11 @@ def test_run_folder_and_checkpoint_round_trip(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["options"]["lr"] == 0.001 and config["environment"]["torch"] == torch.__version__
     assert {"git_commit", "device", "torchvision", "allocator", "threads"} <= set(config["environment"])
+    # --precision auto: the decision and its reason are on record, as choose_precision makes them here.
+    from triplet.runtime import choose_precision
+    decision = choose_precision("auto", torch.device("cpu"))
+    assert (config["environment"]["precision"], config["environment"]["precision_reason"]) == decision
+    assert metrics_of(tiny_run)["precision"] == decision[0] and decision[1]
     # The model rebuilt from the checkpoint alone reproduces the saved test embeddings.
     model, _ = model_from_checkpoint(tiny_run / "checkpoint_best.pt")
     saved = np.load(tiny_run / "test_embeddings.npz")

@@ -13,8 +13,10 @@ def triplet_loss(embeddings, anchor, positive, negative, margin=1.0):
     """Mean of relu(d(a,p) - d(a,n) + margin) over the triplets, and how many are active.
 
     The count is a 0-d int64 tensor on the embeddings' device, so the training loop can add it
-    up without waiting for the device. With no triplets the loss is ``embeddings.sum() * 0``:
-    zero, but still in the graph, so ``backward()`` and DDP gradient sync work unchanged.
+    up without waiting for the device. A triplet whose positive is its anchor is a miner's
+    placeholder (``batch_hard`` keeps one row per anchor, so its shape never makes the host
+    wait): it adds nothing to the mean or the count. With no triplets the loss is zero, but still
+    in the graph, so ``backward()`` and DDP gradient sync work unchanged.
     """
     if anchor.numel() == 0:
         return embeddings.sum() * 0, torch.zeros((), dtype=torch.int64, device=embeddings.device)
@@ -22,5 +24,6 @@ def triplet_loss(embeddings, anchor, positive, negative, margin=1.0):
     # times in a fixed order (index_add_), where indexing's backward on a multi-core CPU adds them
     # with parallel atomics, so two runs with the same seed drifted apart under online mining.
     rows = [embeddings.index_select(0, index) for index in (anchor, positive, negative)]
-    per_triplet = F.triplet_margin_loss(*rows, margin=margin, reduction="none")
-    return per_triplet.mean(), (per_triplet > 0).sum()
+    real = anchor != positive
+    per_triplet = F.triplet_margin_loss(*rows, margin=margin, reduction="none") * real
+    return per_triplet.sum() / real.sum().clamp(min=1), (per_triplet > 0).sum()

@@ -1,7 +1,8 @@
 """Triplet miners: pure functions of (embeddings, labels) returning (anchor, positive, negative).
 
 Each miner returns three 1-D int64 index tensors into the batch, on the embeddings' device, so
-any miner feeds the one loss in ``triplet.losses``. Distances are Euclidean; a precomputed
+any miner feeds the one loss in ``triplet.losses``; a triplet whose positive is its anchor is a
+placeholder the loss ignores. Distances are Euclidean; a precomputed
 distance matrix can be passed instead. Mining runs under ``torch.no_grad``: the indices are a
 choice, and gradients flow only through the loss that gathers the rows again. Everything is
 vectorised masks over the batch (an (anchor, positive) x negative mask at most), no Python loops.
@@ -42,15 +43,17 @@ def packaged_triplets(embeddings, labels=None):
 def batch_hard(embeddings, labels, dist=None):
     """Per anchor, its farthest positive and nearest negative (Hermans et al., 2017).
 
-    Anchors without a positive or without a negative are skipped; ties go to the lower index.
+    Every row is an anchor, so the result's shape never depends on the values and the host never
+    waits for the device to learn it. An anchor without a positive or without a negative gets the
+    placeholder ``(a, a, a)``, which ``triplet_loss`` ignores. Ties go to the lower index.
     """
     dist = distance_matrix(embeddings.detach()) if dist is None else dist.detach()
     pos, neg = _masks(labels, dist.device)
     valid = pos.any(1) & neg.any(1)
-    hardest_p = dist.masked_fill(~pos, -float("inf")).argmax(1)
-    hardest_n = dist.masked_fill(~neg, float("inf")).argmin(1)
-    a = torch.nonzero(valid, as_tuple=True)[0]
-    return a, hardest_p[a], hardest_n[a]
+    a = torch.arange(len(dist), device=dist.device)
+    hardest_p = torch.where(valid, dist.masked_fill(~pos, -float("inf")).argmax(1), a)
+    hardest_n = torch.where(valid, dist.masked_fill(~neg, float("inf")).argmin(1), a)
+    return a, hardest_p, hardest_n
 
 
 @torch.no_grad()

@@ -195,8 +195,9 @@ def plan_steps(opts, data_dir, work, gpus, auto_precision="bf16"):
     steps.append(Step("ddp-nccl", "torchrun, 2 processes on 2 GPUs (NCCL)",
                       [*torchrun, *common, "--epochs", 1, "--out", runs / "ddp", "--force"], run_dir=str(runs / "ddp"),
                       skip="" if gpus >= 2 else f"needs 2 CUDA devices, {gpus} visible"))
-    steps.append(Step("host-syncs", "the training loop waits for the GPU only at its sync points (auto precision)",
-                      [python, "-c", "from triplet.bench.speed import count_host_syncs; count_host_syncs()"],
+    steps.append(Step("host-syncs", "the training loop waits for the GPU only at its sync points (auto precision; offline "
+                      "triplets and batch-hard mining)",
+                      [python, "-c", "from triplet.bench.speed import check_host_syncs; check_host_syncs()"],
                       expect="host synchronisations", skip="" if cuda else "torch.cuda.set_sync_debug_mode is CUDA-only"))
     tcmalloc = find_tcmalloc()
     steps += [

@@ -15,7 +15,7 @@ from triplet.bench.timing import matmul_peak_gflops, memory_report, synchronize,
 from triplet.checkpoint import make_optimizer
 from triplet.data.datasets import ImageDataset
 from triplet.data.samplers import TripletBatchSampler
-from triplet.mining import packaged_triplets
+from triplet.mining import get_miner, packaged_triplets
 from triplet.model import build_model
 
 from triplet.data.transforms import EvalTransform, TrainTransform
@@ -136,21 +136,25 @@ def profile_training_step(device, backbone, image_size, batch_size, precision):
             "top_ops_s": [[name, round(t, 3)] for name, t in ops[:8]]}
 
 
-def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16, precision="auto"):
-    """Host synchronisations in ``steps`` offline-triplet steps of ResNet18 on CUDA, counted by
+def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16, precision="auto", mining="none"):
+    """Host synchronisations in ``steps`` steps of ResNet18 on CUDA, counted by
     torch.cuda.set_sync_debug_mode after a warm-up epoch, in the precision auto picks there (fp16's
     GradScaler included on a GPU without native bf16); the loop should only wait at its sync points
-    (``steps / sync_every`` of them, the epoch's end included). Exit status 1 if more."""
+    (``steps / sync_every`` of them, the epoch's end included). ``mining``: "none" (offline
+    triplets) or "hard" (batch-hard on PK batches of 4 images a class). Returns whether it kept to
+    them, having printed the count."""
     device = torch.device("cuda", 0)
     precision = runtime.resolve_precision(precision, device)
     model = build_model("resnet18", weights="none").to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, device, 1e-4)
     scaler = runtime.grad_scaler(device, precision)
     images = torch.randint(0, 256, (3 * batch_size, 3, image_size, image_size), dtype=torch.uint8).pin_memory()
-    batches = [(images, torch.zeros(3 * batch_size, dtype=torch.int64).pin_memory())] * steps
+    labels = torch.arange(3 * batch_size) // 4  # PK batches for the miner; offline triplets ignore labels
+    batches = [(images, labels.pin_memory())] * steps
+    miner = get_miner(mining)
 
     def epoch():
-        engine.train_one_epoch(model, batches, optimizer, device, precision, 1.0, packaged_triplets, progress=False,
+        engine.train_one_epoch(model, batches, optimizer, device, precision, 1.0, miner, progress=False,
                                scaler=scaler, sync_every=sync_every)
 
     epoch()
@@ -162,8 +166,17 @@ def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16, prec
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     expected = -(-steps // sync_every)
     ok = len(syncs) <= expected
-    for w in syncs[:5]:  # where they were, then the count, last: the report's message is a step's last line
+    for w in syncs[:5]:  # where they were
         print(f"  {w.filename}:{w.lineno}: {w.message}", file=sys.stdout if ok else sys.stderr)
-    print(f"{len(syncs)} host synchronisations in {steps} {precision} steps (expected {expected}: every {sync_every} steps)",
+    return ok, f"{len(syncs)} host synchronisations in {steps} {precision} steps with --mining {mining}"
+
+
+def check_host_syncs(steps=20, sync_every=10):
+    """``make gpu-check``'s host-syncs step: offline triplets and batch-hard mining, each expected to
+    wait only at its sync points; one summary line last (the report's message is a step's last
+    line), exit status 1 if either waited more."""
+    results = [count_host_syncs(steps, sync_every, mining=mining) for mining in ("none", "hard")]
+    ok = all(passed for passed, _ in results)
+    print("; ".join(line for _, line in results) + f" (expected {-(-steps // sync_every)} each: every {sync_every} steps)",
           file=sys.stdout if ok else sys.stderr)
     sys.exit(0 if ok else 1)
