@@ -203,3 +203,17 @@ def test_runs_with_a_null_or_nan_precision_rank_last_without_a_traceback(tmp_pat
     assert ranked[0] == "c-real" and sorted(ranked) == ["a-nan", "b-null", "c-real", "d-inf"]
     text, count = report.build_report(tmp_path, log=lambda *a: None)  # sorted again there: null raised TypeError
     assert count == 4 and "c-real" in text
+
+
+def test_run_folders_not_yet_evaluated_are_named_not_silently_left_out(results):
+    """A run trained but not evaluated (or still training) has config.json and no metrics.json; the
+    report cannot rank it, and says which folders it left out and how to evaluate them."""
+    for name in ("exp2-resnet18", "exp3-resnet34"):
+        (results / name).mkdir()
+        (results / name / "config.json").write_text("{}")
+    (results / "readme").mkdir()  # not a run folder: no config.json, not named
+    notes = []
+    text, count = report.build_report(results, log=notes.append)
+    assert count == 2 and "exp2-resnet18" not in text
+    assert notes == [f"note: 2 run folder(s) left out, not evaluated yet (no metrics.json): exp2-resnet18, "
+                     f"exp3-resnet34; python scripts/evaluate.py --run {results / 'exp2-resnet18'}"]

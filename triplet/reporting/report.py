@@ -218,6 +218,11 @@ def build_report(results_dir, log=print):
         raise UserError(f"--results {results_dir}: folder not found")
     numeric = [key for key, _, _ in ROWS] + ["epoch", "num_images", "num_classes", "embedding_dim", "image_size"]
     runs = load_runs(results_dir, log, numeric)
+    unevaluated = sorted(path.name for path in results_dir.iterdir()
+                         if (path / "config.json").is_file() and not (path / "metrics.json").exists())
+    if unevaluated:  # trained (or training) but never evaluated: say so rather than leave them out unseen
+        log(f"note: {len(unevaluated)} run folder(s) left out, not evaluated yet (no metrics.json): "
+            f"{', '.join(unevaluated)}; python scripts/evaluate.py --run {results_dir / unevaluated[0]}")
     if not runs:
         raise UserError(f"--results {results_dir}: no evaluated runs (no */metrics.json); run "
                         f"python scripts/evaluate.py --run RUN_DIR first")
