@@ -55,14 +55,14 @@ def test_the_host_looks_at_the_loss_only_every_few_steps(monkeypatch):
     assert stats["train_loss"] > 0 and stats["active_triplets"] >= 0
 
 
-READS = ["__float__", "__int__", "__bool__", "__index__", "item", "tolist", "cpu", "numpy", "nonzero"]
+READS = ["__float__", "__int__", "__bool__", "__index__", "item", "tolist", "cpu", "numpy", "nonzero", "masked_select"]
 
 
 @pytest.mark.parametrize("miner", [packaged_triplets, batch_hard])
 @pytest.mark.parametrize("steps, sync_every", [(6, 3), (7, 3), (2, 10)])
 def test_nothing_but_the_sync_points_reads_the_device(monkeypatch, steps, sync_every, miner):
     """On a GPU every read of a device tensor's value makes the host wait for the queue, and so does
-    a result whose shape depends on the values (nonzero); a CPU run cannot see that, so every such
+    a result whose shape depends on the values (nonzero, a boolean mask index); a CPU run cannot see that, so every such
     call outside _read_at_sync_point is counted here, for offline triplets and batch-hard mining.
     (The epoch's active-triplet count used to be read once more at the end: three waits for two
     sync points; batch-hard used nonzero to drop anchors without a triplet: a wait every step.)"""
@@ -89,14 +89,21 @@ def test_nothing_but_the_sync_points_reads_the_device(monkeypatch, steps, sync_e
     monkeypatch.setattr(engine, "_read_at_sync_point", sync_point)
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    nonzero = torch.nonzero
+    nonzero, getitem = torch.nonzero, torch.Tensor.__getitem__
 
     def counted_nonzero(*args, **kwargs):
         if not inside[0]:
             stray.append("torch.nonzero")
         return nonzero(*args, **kwargs)
 
+    def masked_getitem(self, index):  # x[mask] is a nonzero in disguise
+        parts = index if isinstance(index, tuple) else (index,)
+        if not inside[0] and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+            stray.append("boolean mask index")
+        return getitem(self, index)
+
     monkeypatch.setattr(torch, "nonzero", counted_nonzero)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", masked_getitem)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
     data = batches(steps, labels=(0, 0, 1, 1, 2, 2))  # offline: 2 triplets a batch; batch-hard: 6 anchors
     stats = engine.train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.01), CPU, "fp32", 1.0,

@@ -141,8 +141,8 @@ def count_host_syncs(steps=20, sync_every=10, image_size=64, batch_size=16, prec
     torch.cuda.set_sync_debug_mode after a warm-up epoch, in the precision auto picks there (fp16's
     GradScaler included on a GPU without native bf16); the loop should only wait at its sync points
     (``steps / sync_every`` of them, the epoch's end included). ``mining``: "none" (offline
-    triplets) or "hard" (batch-hard on PK batches of 4 images a class). Returns whether it kept to
-    them, having printed the count."""
+    triplets) or "hard" (batch-hard on PK batches of 4 images a class). Prints where the waits
+    were; returns (whether it kept to the sync points, a line with the count)."""
     device = torch.device("cuda", 0)
     precision = runtime.resolve_precision(precision, device)
     model = build_model("resnet18", weights="none").to(device, memory_format=torch.channels_last)
