@@ -10,8 +10,9 @@ hidden); one epoch each in fp32, bf16 and fp16 (then --resume of the fp16 run, i
 restored); with two or more GPUs, torchrun over NCCL; the host synchronisations of the training
 loop, with offline triplets and with batch-hard mining (torch.cuda.set_sync_debug_mode); then
 one epoch each with batch-hard PK mining, with --gpu-cache, with --deterministic, started with
-tcmalloc as make starts train.py, and with --compile (epoch seconds and GPU utilisation for each). Every step is reported pass/fail with its
-message in --out (JSON) and a Markdown table beside it; the exit status is 1 when any step failed.
+tcmalloc as make starts train.py, and with --compile (epoch seconds and GPU utilisation for each).
+Every step is reported pass/fail with its message in --out (JSON) and a Markdown table beside it;
+the exit status is 1 when any step failed.
 """
 import shlex
 import sys

@@ -62,8 +62,9 @@ READS = ["__float__", "__int__", "__bool__", "__index__", "item", "tolist", "cpu
 @pytest.mark.parametrize("steps, sync_every", [(6, 3), (7, 3), (2, 10)])
 def test_nothing_but_the_sync_points_reads_the_device(monkeypatch, steps, sync_every, miner):
     """On a GPU every read of a device tensor's value makes the host wait for the queue, and so does
-    a result whose shape depends on the values (nonzero, a boolean mask index); a CPU run cannot see that, so every such
-    call outside _read_at_sync_point is counted here, for offline triplets and batch-hard mining.
+    a result whose shape depends on the values (nonzero, a boolean mask index); a CPU run cannot
+    see that, so every such call outside _read_at_sync_point is counted here, for offline triplets
+    and batch-hard mining.
     (The epoch's active-triplet count used to be read once more at the end: three waits for two
     sync points; batch-hard used nonzero to drop anchors without a triplet: a wait every step.)"""
     inside, stray, sync_points = [False], [], []

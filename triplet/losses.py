@@ -5,7 +5,6 @@ rows from the embeddings and applies ``F.triplet_margin_loss`` (Euclidean, eps=1
 gradient flows only through the chosen rows. The count of active triplets (positive loss) is
 returned as well, because a falling count is the clearest sign that mining has run dry.
 """
-import torch
 import torch.nn.functional as F
 
 
@@ -15,11 +14,9 @@ def triplet_loss(embeddings, anchor, positive, negative, margin=1.0):
     The count is a 0-d int64 tensor on the embeddings' device, so the training loop can add it
     up without waiting for the device. A triplet whose positive is its anchor is a miner's
     placeholder (``batch_hard`` keeps one row per anchor, so its shape never makes the host
-    wait): it adds nothing to the mean or the count. With no triplets the loss is zero, but still
-    in the graph, so ``backward()`` and DDP gradient sync work unchanged.
+    wait): it adds nothing to the mean or the count. With no triplets the same sum over no rows
+    gives zero, still in the graph, so ``backward()`` and DDP gradient sync work unchanged.
     """
-    if anchor.numel() == 0:
-        return embeddings.sum() * 0, torch.zeros((), dtype=torch.int64, device=embeddings.device)
     # index_select, not embeddings[anchor]: its backward adds the gradients of a row picked many
     # times in a fixed order (index_add_), where indexing's backward on a multi-core CPU adds them
     # with parallel atomics, so two runs with the same seed drifted apart under online mining.
